@@ -9,6 +9,7 @@ runs after torch.distributed is initialised via the project's runtime module.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -34,8 +35,9 @@ def _worker(rank: int, world_size: int, port: int, fn, kwargs: dict, queue) -> N
 
     torch.set_num_threads(1)
     try:
-        result = fn(**kwargs)
-        queue.put((rank, True, result))
+        # Plain pickle serialises tensors by value: torch's queue pickler would pass them via
+        # shared memory, which is gone once this process exits before the parent reads them.
+        queue.put((rank, True, pickle.dumps(fn(**kwargs))))
     except BaseException:  # report everything, including SystemExit from a CLI
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -64,7 +66,7 @@ def run_distributed(fn, world_size: int = 2, timeout: float = 600.0, **kwargs) -
         for _ in range(world_size):
             rank, ok, payload = queue.get(timeout=timeout)
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break  # the other ranks are likely stuck in a collective
