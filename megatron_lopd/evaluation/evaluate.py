@@ -1,0 +1,603 @@
+"""Evaluation: sample K responses per problem, grade them, report avg@K and pass@k.
+
+Input: JSONL, one problem per line: `id`, `problem` (or chat `messages`), `answer`.
+Output directory:
+- `samples.jsonl`: one line per sample (problem id and index, sample index, response
+  text, extracted answer, correct, truncated, length in tokens), in data order;
+- `summary.json`: avg@K, pass@k (unbiased), mean response length, truncation rate,
+  model and data fingerprints, the configuration;
+- `manifest.json`: the provenance record every artifact carries.
+
+With `shard=Shard(i, n)` a process evaluates problems i, i+n, i+2n, ... and writes
+`DIR/shard-0000i-of-0000n/`; when the last shard is done, the shards are merged into
+`DIR/` (or explicitly with `merge_shards(DIR)`). Sampling seeds depend on the global
+problem index only, so the merged result equals an unsharded run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from megatron_lopd.errors import ArtifactError, ConfigError, ConsistencyError
+from megatron_lopd.evaluation.graders import GRADERS, Grader, grade_response, make_grader, strip_thinking
+from megatron_lopd.evaluation.metrics import mean_pass_at_k, report_ks
+
+SAMPLES_FILE = "samples.jsonl"
+SUMMARY_FILE = "summary.json"
+PROBLEM_PLACEHOLDER = "{problem}"
+# The instruction Qwen3 and most reasoning-model evaluations append to math problems.
+MATH_PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+# Config fields that do not change results: runs differing only in these are equivalent.
+_RUNTIME_ONLY = ("batch_samples", "backend", "tensor_parallel")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How to evaluate. The paper's protocol is avg@64 at up to 32K response tokens
+    (samples_per_problem=64, max_tokens=32768); greedy decoding is temperature=0."""
+
+    samples_per_problem: int = 1
+    max_tokens: int = 32768
+    temperature: float = 0.6
+    top_p: float = 0.95
+    seed: int = 0
+    grader: str = "math"  # math | exact | regex
+    answer_pattern: str | None = None  # regex grader: the answer is the last match of group 1
+    ignore_case: bool = False  # exact / regex graders
+    enable_thinking: bool | None = None  # the chat template's thinking switch; None: template default
+    prompt_template: str = PROBLEM_PLACEHOLDER  # for `problem` lines; `messages` lines are used as they are
+    system_prompt: str | None = None
+    backend: str = "vllm"  # vllm | hf
+    dtype: str = "float32"
+    tensor_parallel: int = 1
+    max_model_len: int | None = None
+    batch_samples: int = 4096  # samples per generate call: bigger is faster, smaller updates progress more often
+
+    def validate(self) -> None:
+        checks = (
+            (self.samples_per_problem >= 1, f"samples per problem K={self.samples_per_problem} is below 1", "use --samples-per-problem >= 1"),
+            (self.max_tokens >= 1, f"max_tokens={self.max_tokens} is below 1", "use --max-tokens >= 1"),
+            (self.temperature >= 0, f"temperature={self.temperature} is negative", "use --temperature >= 0 (0 = greedy)"),
+            (0 < self.top_p <= 1, f"top_p={self.top_p} is outside (0, 1]", "use 0 < --top-p <= 1"),
+            (self.batch_samples >= 1, f"batch_samples={self.batch_samples} is below 1", "use --batch-samples >= 1"),
+            (
+                PROBLEM_PLACEHOLDER in self.prompt_template,
+                f"prompt template {self.prompt_template!r} has no {PROBLEM_PLACEHOLDER} placeholder",
+                f"put {PROBLEM_PLACEHOLDER} where the problem text goes",
+            ),
+            (self.grader in GRADERS, f"unknown grader {self.grader!r}", f"use one of {', '.join(GRADERS)}"),
+        )
+        for ok, what, fix in checks:
+            if not ok:
+                raise ConfigError(what, fix)
+        self.make_grader()  # the regex grader checks its pattern
+
+    def make_grader(self) -> Grader:
+        return make_grader(self.grader, answer_pattern=self.answer_pattern, ignore_case=self.ignore_case)
+
+    def sampling_params(self):
+        from megatron_lopd.generation.base import SamplingParams
+
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, n=self.samples_per_problem, seed=self.seed
+        )
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    answer: str
+    problem: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+
+    def chat(self, config: EvalConfig) -> list[dict[str, str]]:
+        if self.messages is not None:
+            messages = [dict(m) for m in self.messages]
+        else:
+            messages = [{"role": "user", "content": config.prompt_template.replace(PROBLEM_PLACEHOLDER, self.problem)}]
+        if config.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": config.system_prompt})
+        return messages
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Process `index` of `count` (0-based) takes problems index, index+count, ..."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        try:
+            index, count = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard {text!r} is not I/N", "use e.g. --shard 0/4 (0-based shard index / number of shards)") from None
+        shard = cls(index, count)
+        shard.validate()
+        return shard
+
+    def validate(self) -> None:
+        if not (self.count >= 1 and 0 <= self.index < self.count):
+            raise ConfigError(f"shard {self.index}/{self.count} is out of range", "use 0 <= I < N in --shard I/N")
+
+    def indices(self, num_problems: int) -> list[int]:
+        return list(range(self.index, num_problems, self.count))
+
+    @property
+    def dirname(self) -> str:
+        return f"shard-{self.index:05d}-of-{self.count:05d}"
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def _problem_from_json(obj: Any, where: str) -> Problem:
+    fix = 'write one JSON object per line: {"id": ..., "problem": ... (or "messages": [...]), "answer": ...}'
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{where}: not a JSON object", fix)
+    answer = obj.get("answer")
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
+        raise ArtifactError(f"{where}: no 'answer'", "add the reference answer to every line (or drop the line)")
+    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+        raise ArtifactError(f"{where}: 'answer' is a {type(answer).__name__}, not a string or number", "store the reference answer as a string")
+    problem, messages = obj.get("problem"), obj.get("messages")
+    if messages is not None:
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+        )
+        if not ok:
+            raise ArtifactError(f"{where}: 'messages' is not a non-empty list of {{role, content}} objects", fix)
+        messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
+    elif not isinstance(problem, str) or not problem.strip():
+        raise ArtifactError(f"{where}: no 'problem' text and no 'messages'", fix)
+    pid = obj.get("id")
+    return Problem(id=str(pid) if pid is not None else "", answer=str(answer), problem=problem if messages is None else None, messages=messages)
+
+
+def load_problems(path: str | Path) -> list[Problem]:
+    """Read an evaluation set (JSONL). Lines without an `id` get their line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: evaluation data file not found", "pass a JSONL file with id, problem, answer")
+    problems: list[Problem] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ArtifactError(f"{where}: not valid JSON ({exc.msg})", "fix or drop the line") from None
+            p = _problem_from_json(obj, where)
+            problems.append(p if p.id else Problem(str(lineno), p.answer, p.problem, p.messages))
+    check_problems(problems, str(path))
+    return problems
+
+
+def check_problems(problems: Sequence[Problem], source: str = "problems") -> None:
+    if not problems:
+        raise ArtifactError(f"{source}: no problems", "give at least one problem to evaluate")
+    seen: set[str] = set()
+    for p in problems:
+        if p.id in seen:
+            raise ArtifactError(f"{source}: duplicate problem id {p.id!r}", "give every problem a unique id")
+        seen.add(p.id)
+
+
+def problems_fingerprint(problems: Sequence[Problem]) -> str:
+    """Content fingerprint of an evaluation set (ids, prompts, answers), independent of file layout."""
+    h = hashlib.sha256(b"eval-data-v1")
+    for p in problems:
+        h.update(json.dumps(asdict(p), sort_keys=True, ensure_ascii=False).encode())
+    return "data-" + h.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------
+# Prompts and decoding
+
+
+def load_tokenizer(model_dir: str | Path):
+    from megatron_lopd.generation.prompts import load_tokenizer as _load
+
+    tokenizer = _load(model_dir)
+    if not tokenizer.chat_template:
+        raise ArtifactError(f"{model_dir}: the tokenizer has no chat template", "save a tokenizer with a chat template (tokenizer.chat_template)")
+    return tokenizer
+
+
+def prompt_ids(tokenizer, problem: Problem, config: EvalConfig) -> list[int]:
+    """The chat template with the thinking switch, as token ids (the same rendering as generation's)."""
+    from megatron_lopd.generation.prompts import render_prompt
+
+    return render_prompt(tokenizer, problem.chat(config), config.enable_thinking)
+
+
+class ResponseDecoder:
+    """Token ids -> (full text for the record, final-answer text for grading).
+
+    Reasoning is split off on token ids: tokenizers that mark `<think>`/`</think>` as
+    special tokens would drop them when decoding with skip_special_tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        vocab = tokenizer.get_vocab()
+        self.think_open, self.think_close = vocab.get("<think>"), vocab.get("</think>")
+
+    def __call__(self, ids: list[int]) -> tuple[str, str]:
+        full = self.tokenizer.decode(ids, skip_special_tokens=False)
+        answer_ids = ids
+        if self.think_close is not None and self.think_close in ids:
+            answer_ids = ids[len(ids) - ids[::-1].index(self.think_close) :]
+        elif self.think_open is not None and self.think_open in ids:
+            answer_ids = []  # reasoning never finished: no answer
+        return full, strip_thinking(self.tokenizer.decode(answer_ids, skip_special_tokens=True))
+
+
+# ---------------------------------------------------------------------------------------
+# Summary
+
+
+@dataclass
+class EvalSummary:
+    """Results of one evaluation. `avg_at_k` is the mean correctness over all samples
+    (avg@K, = pass@1); `pass_at_k[k]` is the unbiased pass@k averaged over problems."""
+
+    num_problems: int
+    samples_per_problem: int
+    avg_at_k: float
+    avg_at_k_stderr: float  # standard error over problems
+    pass_at_k: dict[int, float]
+    mean_response_tokens: float
+    truncation_rate: float
+    no_answer_rate: float
+    model_fingerprint: str
+    data_fingerprint: str
+    model_dir: str = ""
+    backend: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    shard: dict[str, int] | None = None  # set for a shard's own summary
+    total_problems: int = 0  # problems in the whole data set (> num_problems for a shard)
+    timing: dict[str, float] = field(default_factory=dict)  # elapsed_s, problems_per_s, tokens_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["pass_at_k"] = {str(k): v for k, v in self.pass_at_k.items()}
+        d[f"avg@{self.samples_per_problem}"] = self.avg_at_k  # the paper's name, for grep
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalSummary":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["pass_at_k"] = {int(k): v for k, v in d["pass_at_k"].items()}
+        return cls(**d)
+
+    def results(self) -> dict[str, Any]:
+        """Everything but timing and where it ran: what must agree between equivalent runs."""
+        d = self.to_dict()
+        for key in ("timing", "shard", "backend", "model_dir"):
+            d.pop(key)
+        d["config"] = {k: v for k, v in d["config"].items() if k not in _RUNTIME_ONLY}
+        return d
+
+    def console_line(self, name: str = "eval") -> str:
+        k = self.samples_per_problem
+        passes = " ".join(f"pass@{kk} {v:.4f}" for kk, v in self.pass_at_k.items() if kk > 1)
+        rate = self.timing.get("problems_per_s")
+        return (
+            f"{name}: avg@{k} {self.avg_at_k:.4f} +- {self.avg_at_k_stderr:.4f}"
+            + (f" | {passes}" if passes else "")
+            + f" | {self.num_problems} problems x {k} samples | mean length {self.mean_response_tokens:.0f} tokens"
+            + f" | truncated {100 * self.truncation_rate:.1f}% | no answer {100 * self.no_answer_rate:.1f}%"
+            + (f" | {rate:.2f} problems/s" if rate else "")
+        )
+
+
+def summarize(records: Sequence[dict[str, Any]], *, samples_per_problem: int, **meta) -> EvalSummary:
+    """Summary statistics from per-sample records (the same function for runs, shards and merges)."""
+    by_problem: dict[int, list[dict[str, Any]]] = {}
+    for r in records:
+        by_problem.setdefault(r["problem_index"], []).append(r)
+    k = samples_per_problem
+    for index, rs in by_problem.items():
+        if sorted(r["sample"] for r in rs) != list(range(k)):
+            raise ArtifactError(f"problem {index}: samples {sorted(r['sample'] for r in rs)}, expected 0..{k - 1}", "re-run the evaluation")
+    if not by_problem:
+        raise ArtifactError("no samples to summarize", "evaluate at least one problem")
+    counts = [sum(r["correct"] for r in rs) for rs in by_problem.values()]
+    per_problem = [c / k for c in counts]
+    n = len(counts)
+    mean = sum(per_problem) / n
+    stderr = math.sqrt(sum((a - mean) ** 2 for a in per_problem) / (n - 1) / n) if n > 1 else 0.0
+    total = len(records)
+    return EvalSummary(
+        num_problems=n,
+        samples_per_problem=k,
+        avg_at_k=mean,
+        avg_at_k_stderr=stderr,
+        pass_at_k={kk: mean_pass_at_k(counts, k, kk) for kk in report_ks(k)},
+        mean_response_tokens=sum(r["length"] for r in records) / total,
+        truncation_rate=sum(r["truncated"] for r in records) / total,
+        no_answer_rate=sum(r["extracted"] is None for r in records) / total,
+        **meta,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_results(out_dir: str | Path, records: Iterable[dict[str, Any]], summary: EvalSummary) -> Path:
+    """samples.jsonl, then summary.json (written last: its presence marks a finished run)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
+    _atomic_write(out_dir / SAMPLES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    _atomic_write(out_dir / SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2) + "\n")
+    return out_dir
+
+
+def read_results(out_dir: str | Path) -> tuple[list[dict[str, Any]], EvalSummary]:
+    out_dir = Path(out_dir)
+    try:
+        summary = EvalSummary.from_dict(json.loads((out_dir / SUMMARY_FILE).read_text()))
+        with open(out_dir / SAMPLES_FILE, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{out_dir}: unreadable evaluation results ({exc})", "re-run that evaluation (shard)") from None
+    return records, summary
+
+
+def _write_manifest(out_dir: Path, summary: EvalSummary) -> None:
+    from megatron_lopd.provenance import Manifest, tokenizer_fingerprint
+
+    producer = {"fingerprint": summary.model_fingerprint, "path": summary.model_dir}
+    try:
+        producer["tokenizer"] = tokenizer_fingerprint(summary.model_dir)
+    except (ArtifactError, OSError):
+        pass  # the model directory moved since the shards ran
+    Manifest(
+        kind="eval",
+        fingerprint=hashlib.sha256(json.dumps(summary.results(), sort_keys=True).encode()).hexdigest()[:32],
+        producer=producer,
+        inputs={"data": summary.data_fingerprint},
+        params=summary.config,
+        extra={"avg_at_k": summary.avg_at_k, "samples_per_problem": summary.samples_per_problem},
+    ).write(out_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+
+
+def _model_fingerprint(model_dir: Path) -> str:
+    from megatron_lopd.provenance import model_fingerprint
+
+    try:
+        return model_fingerprint(model_dir)
+    except (OSError, ValueError) as exc:  # permissions, a corrupt config.json
+        raise ArtifactError(f"{model_dir}: unreadable model directory ({exc})", "point at a complete Hugging Face model directory") from None
+
+
+def evaluate(
+    model_dir: str | Path,
+    problems: Sequence[Problem],
+    *,
+    config: EvalConfig = EvalConfig(),
+    backend=None,
+    out_dir: str | Path | None = None,
+    shard: Shard = Shard(),
+    progress: bool = True,
+) -> EvalSummary:
+    """Evaluate `model_dir` on `problems` (this shard's part of them).
+
+    `backend`: an open generation backend for `model_dir` to reuse (it stays open);
+    by default one is loaded from `config` and closed afterwards. With `out_dir`, the
+    results are written there (a shard's into its shard directory, merged once all
+    shards are done). Returns the complete result (`shard is None`) when there is one:
+    an unsharded run's, or the merge when this shard was the last to finish; else this
+    shard's own summary.
+    """
+    config.validate()
+    shard.validate()
+    check_problems(problems)
+    grader = config.make_grader()
+    model_dir = Path(model_dir)
+    fingerprint = _model_fingerprint(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    indices = shard.indices(len(problems))
+    if not indices:
+        raise ConfigError(f"shard {shard.index}/{shard.count} gets no problems (only {len(problems)})", "use fewer shards than problems")
+    prompts = [prompt_ids(tokenizer, problems[i], config) for i in indices]
+    params = config.sampling_params()
+    own_backend = backend is None
+    if own_backend:
+        from megatron_lopd.generation.base import load_backend
+
+        backend = load_backend(
+            config.backend, model_dir, dtype=config.dtype, tensor_parallel=config.tensor_parallel, max_model_len=config.max_model_len, seed=config.seed
+        )
+    try:
+        _check_context(prompts, indices, problems, config.max_tokens, backend.max_model_len)
+        records, elapsed = _generate_and_grade(backend, params, prompts, indices, problems, grader, ResponseDecoder(tokenizer), config, progress)
+    finally:
+        if own_backend:
+            backend.close()
+    total_tokens = sum(r["length"] for r in records)
+    summary = summarize(
+        records,
+        samples_per_problem=config.samples_per_problem,
+        model_fingerprint=fingerprint,
+        data_fingerprint=problems_fingerprint(problems),
+        model_dir=str(model_dir),
+        backend=getattr(backend, "name", config.backend),
+        config=asdict(config),
+        shard=asdict(shard) if shard.count > 1 else None,
+        total_problems=len(problems),
+        timing={"elapsed_s": elapsed, "problems_per_s": len(indices) / elapsed, "tokens_per_s": total_tokens / elapsed},
+    )
+    if out_dir is not None:
+        if shard.count == 1:
+            write_results(out_dir, records, summary)
+            _write_manifest(Path(out_dir), summary)
+        else:
+            (Path(out_dir) / SUMMARY_FILE).unlink(missing_ok=True)  # a new shard result voids an earlier merge
+            write_results(Path(out_dir) / shard.dirname, records, summary)
+            if _all_shards_done(Path(out_dir), shard.count):
+                return merge_shards(out_dir)
+    return summary
+
+
+def _check_context(prompts, indices, problems, max_tokens: int, max_model_len: int) -> None:
+    longest = max(range(len(prompts)), key=lambda j: len(prompts[j]))
+    if len(prompts[longest]) + max_tokens > max_model_len:
+        raise ConfigError(
+            f"problem {problems[indices[longest]].id!r}: {len(prompts[longest])} prompt tokens + max_tokens {max_tokens} "
+            f"exceed the model's context of {max_model_len}",
+            "lower --max-tokens or raise --max-model-len (up to the model's max_position_embeddings)",
+        )
+
+
+def _generate_and_grade(backend, params, prompts, indices, problems, grader, decode, config, progress) -> tuple[list[dict], float]:
+    from tqdm.auto import tqdm
+
+    from megatron_lopd.generation.base import FINISH_LENGTH
+
+    prepared: dict[int, Any] = {}
+    per_call = max(1, config.batch_samples // config.samples_per_problem)
+    records: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    tokens = correct = 0
+    with tqdm(total=len(indices), unit="problem", desc="eval", disable=not progress, dynamic_ncols=True) as bar:
+        for lo in range(0, len(indices), per_call):
+            chunk = indices[lo : lo + per_call]
+            outputs = backend.generate(prompts[lo : lo + per_call], params, prompt_indices=chunk)
+            for index, samples in zip(chunk, outputs):
+                problem = problems[index]
+                if index not in prepared:
+                    prepared[index] = grader.prepare(problem.answer)
+                for j, sample in enumerate(samples):
+                    full, answer_text = decode(sample.response_ids)
+                    truncated = sample.finish_reason == FINISH_LENGTH
+                    verdict = grade_response(grader, prepared[index], answer_text)
+                    # A response cut at max_tokens never gave its final answer: wrong, whatever it contains.
+                    ok = verdict.correct and not truncated
+                    records.append(
+                        {
+                            "id": problem.id,
+                            "problem_index": index,
+                            "sample": j,
+                            "answer": problem.answer,
+                            "extracted": verdict.extracted,
+                            "correct": ok,
+                            "truncated": truncated,
+                            "length": len(sample.response_ids),
+                            "response": full,
+                        }
+                    )
+                    tokens += len(sample.response_ids)
+                    correct += ok
+            bar.update(len(chunk))
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(acc=f"{correct / len(records):.3f}", tok_s=f"{tokens / elapsed:.0f}")
+    return records, time.perf_counter() - start
+
+
+def run_eval(
+    model_dir: str | Path, data: str | Path, out_dir: str | Path, *, config: EvalConfig = EvalConfig(), shard: Shard = Shard(), progress: bool = True
+) -> EvalSummary:
+    """`lopd eval`: load the data file, evaluate, write. Returns what `evaluate` returns."""
+    config.validate()  # before reading anything: K < 1 fails fast
+    return evaluate(model_dir, load_problems(data), config=config, out_dir=out_dir, shard=shard, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------
+# Shards
+
+
+def _shard_dirs(out_dir: Path) -> list[Path]:
+    return sorted(p for p in out_dir.glob("shard-*-of-*") if p.is_dir())
+
+
+def _all_shards_done(out_dir: Path, count: int) -> bool:
+    return all((out_dir / Shard(i, count).dirname / SUMMARY_FILE).is_file() for i in range(count))
+
+
+def merge_shards(out_dir: str | Path) -> EvalSummary:
+    """Combine `out_dir/shard-*-of-N/` into `out_dir/samples.jsonl` + `summary.json`.
+
+    Refuses missing shards and shards that evaluated a different model, data set or
+    configuration. The merged files are identical to an unsharded run's (timing aside).
+    """
+    out_dir = Path(out_dir)
+    dirs = _shard_dirs(out_dir)
+    if not dirs:
+        raise ArtifactError(f"{out_dir}: no shard-*-of-* directories to merge", "run `lopd eval --shard I/N --out DIR` for every shard first")
+    counts = {int(d.name.rsplit("-of-", 1)[1]) for d in dirs}
+    if len(counts) != 1:
+        raise ArtifactError(f"{out_dir}: shards of different splits ({sorted(counts)} shards)", "remove the shard directories of the old split")
+    count = counts.pop()
+    missing = [Shard(i, count).dirname for i in range(count) if not (out_dir / Shard(i, count).dirname / SUMMARY_FILE).is_file()]
+    if missing:
+        raise ArtifactError(f"{out_dir}: {len(missing)} of {count} shards not finished ({', '.join(missing[:4])}...)", "run the missing shards, then merge")
+    parts = [read_results(out_dir / Shard(i, count).dirname) for i in range(count)]
+    first = parts[0][1]
+    for i, (_, s) in enumerate(parts):
+        mismatch = [
+            key
+            for key, a, b in (
+                ("model", s.model_fingerprint, first.model_fingerprint),
+                ("data", s.data_fingerprint, first.data_fingerprint),
+                ("configuration", s.results()["config"], first.results()["config"]),
+                ("number of problems", s.total_problems, first.total_problems),
+            )
+            if a != b
+        ]
+        if mismatch:
+            raise ConsistencyError(
+                f"{out_dir}: shard {i} evaluated a different {' and '.join(mismatch)} than shard 0",
+                "re-run all shards with the same model, data and settings (delete stale shard directories)",
+            )
+    records = sorted((r for recs, _ in parts for r in recs), key=lambda r: (r["problem_index"], r["sample"]))
+    found = sorted({r["problem_index"] for r in records})
+    if found != list(range(first.total_problems)):
+        raise ArtifactError(f"{out_dir}: the shards cover {len(found)} of {first.total_problems} problems", "re-run the shards")
+    elapsed = max(s.timing.get("elapsed_s", 0.0) for _, s in parts) or float("nan")
+    summary = summarize(
+        records,
+        samples_per_problem=first.samples_per_problem,
+        model_fingerprint=first.model_fingerprint,
+        data_fingerprint=first.data_fingerprint,
+        model_dir=first.model_dir,
+        backend=first.backend,
+        config=first.config,
+        shard=None,
+        total_problems=first.total_problems,
+        timing={
+            "elapsed_s": elapsed,  # shards run side by side: the slowest one's time
+            "problems_per_s": first.total_problems / elapsed,
+            "tokens_per_s": sum(r["length"] for r in records) / elapsed,
+            "shards": count,
+        },
+    )
+    write_results(out_dir, records, summary)
+    _write_manifest(out_dir, summary)
+    return summary
