@@ -1,0 +1,519 @@
+"""Writing a teacher store: many independent writer processes, one finalizer.
+
+Usage (each scoring process, on any node, one per GPU or SLURM task)::
+
+    writer = StoreWriter.create(path, num_sequences=N, top_k=16, vocab_size=V,
+                                provenance=prov, has_rollout_logprobs=True)
+    for shard in writer.pending_shards(worker=rank, num_workers=world):
+        records = score(writer.shard_range(shard))      # sequences of that shard, in order
+        writer.write_shard(shard, records)
+    # once, after every writer has exited (e.g. a dependent SLURM job):
+    finalize_store(path)
+
+Rules that make this safe without locks:
+
+- ``create`` is idempotent: the root ``zarr.json`` is published with an exclusive
+  ``link``, so exactly one caller creates it and every other caller compares parameters
+  (mismatch: `ArtifactError` with the fix). It runs before any shard is written.
+- A store shard is a contiguous range of ``sequences_per_shard`` sequence indices. Its
+  arrays are buffered in memory and written once into a private temporary directory,
+  fsynced, renamed into ``shards/NNNNNN`` (atomic), and only then is the done marker
+  ``markers/NNNNNN.json`` written (atomically, also fsynced). A writer killed at any
+  point leaves no marker, so a rerun writes that shard again from scratch (stale
+  temporaries are removed) and never touches shards that have markers. Compression is
+  deterministic, so a resumed store is byte-identical to an uninterrupted one.
+- Writers never write root attributes; `finalize_store` (one process) checks every shard,
+  gathers the per-sequence arrays store-wide, consolidates metadata and sets ``complete``.
+- ``pending_shards(worker=i, num_workers=n)`` assigns shard ``s`` to worker ``s % n``
+  (deterministic, balanced) and lists the ones without a marker.
+
+Memory: a writer holds one shard (``sequences_per_shard`` sequences) at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from megatron_lopd.errors import ArtifactError, ConfigError
+from megatron_lopd.store.format import write_small_array, write_token_array
+from megatron_lopd.store.schema import (
+    ENCODINGS,
+    MARKERS_DIR,
+    ROOT_ATTR,
+    SEQUENCES_DIR,
+    SHARDS_DIR,
+    RecordError,
+    SequenceRecord,
+    StoreMeta,
+    StoreProvenance,
+    aligned_starts,
+    encode_topk,
+    hash_to_uint64,
+    validate_record,
+)
+
+_GROUP_JSON = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write to a private temporary, fsync, rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if fsync:
+        _fsync_path(path.parent, directory=True)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def read_root(path: Path) -> dict[str, Any]:
+    """The root ``zarr.json`` of a teacher store as a dict; ArtifactError if it is not one."""
+    root = Path(path) / "zarr.json"
+    try:
+        doc = json.loads(root.read_text())
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{path}: not a teacher store (no zarr.json)",
+                            "check the path, or create the store with the scoring tool") from exc
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{root}: unreadable ({exc})", "the store's root metadata is corrupted: rescore") from exc
+    if not isinstance(doc, dict) or ROOT_ATTR not in (doc.get("attributes") or {}):
+        raise ArtifactError(f"{path}: a zarr hierarchy but not a teacher store (no {ROOT_ATTR!r} attribute)",
+                            "point at a store written by megatron_lopd.store")
+    return doc
+
+
+def read_meta(path: Path) -> StoreMeta:
+    return StoreMeta.from_attrs(read_root(path)["attributes"][ROOT_ATTR], str(path))
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:06d}"
+
+
+@dataclass
+class ShardMarker:
+    """The done marker of one shard (``markers/NNNNNN.json``)."""
+
+    shard: int
+    first_sequence: int
+    num_sequences: int
+    prompt_tokens: int
+    response_tokens: int
+    content_digest: str  # sha256 over the shard's per-sequence content hashes
+    files: dict[str, int]  # data file (relative to the shard directory) -> size in bytes
+    written_at: str = ""
+    host: str = ""
+    pid: int = 0
+
+    @classmethod
+    def read(cls, path: Path) -> "ShardMarker | None":
+        try:
+            return cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            raise ArtifactError(f"{path}: unreadable done marker ({exc})",
+                                "delete the marker and rerun the writer for that shard") from exc
+
+
+def _content_digest(hashes: Iterable[str]) -> str:
+    return hashlib.sha256("".join(hashes).encode()).hexdigest()
+
+
+class StoreWriter:
+    """Writes whole shards of one teacher store. See the module docstring for the protocol."""
+
+    def __init__(self, path: Path, meta: StoreMeta, fsync: bool = True):
+        self.path = Path(path)
+        self.meta = meta
+        # fsync makes a finished shard survive a node crash / power loss too; SIGKILL safety
+        # does not need it (the page cache survives the process). ~5 ms per file here.
+        self.fsync = fsync
+
+    # ---- creation / opening -------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        num_sequences: int,
+        top_k: int,
+        vocab_size: int,
+        provenance: StoreProvenance | dict[str, Any],
+        sequences_per_shard: int = 256,
+        has_rollout_logprobs: bool,
+        chunk_tokens: int = 2048,
+        clevel: int = 3,
+        overwrite: bool = False,
+        fsync: bool = True,
+    ) -> "StoreWriter":
+        """Create the store layout, or open it if it exists with identical parameters.
+
+        ``overwrite=True`` deletes an existing store first: do that from one process
+        before starting the writers, never from several concurrent ones.
+        """
+        path = Path(path)
+        for name, value, low in (("num_sequences", num_sequences, 1), ("vocab_size", vocab_size, 1),
+                                 ("sequences_per_shard", sequences_per_shard, 1), ("top_k", top_k, 0),
+                                 ("chunk_tokens", chunk_tokens, 16), ("clevel", clevel, 1)):
+            if not isinstance(value, (int, np.integer)) or value < low:
+                raise ConfigError(f"teacher store {path}: {name}={value!r} must be an integer >= {low}",
+                                  f"pass a valid {name}")
+        if top_k > vocab_size:
+            raise ConfigError(f"teacher store {path}: top_k={top_k} exceeds vocab_size={vocab_size}", "lower top_k")
+        if clevel > 9:
+            raise ConfigError(f"teacher store {path}: clevel={clevel} must be in 1..9", "pass a zstd level in 1..9")
+        meta = StoreMeta(
+            num_sequences=int(num_sequences), top_k=int(top_k), vocab_size=int(vocab_size),
+            sequences_per_shard=int(sequences_per_shard), has_rollout_logprobs=bool(has_rollout_logprobs),
+            provenance=StoreProvenance.coerce(provenance), chunk_tokens=int(chunk_tokens), clevel=int(clevel),
+        )
+        if overwrite and path.exists():
+            shutil.rmtree(path)
+        if path.exists() and not (path / "zarr.json").exists() and any(path.iterdir()):
+            raise ArtifactError(f"{path}: exists and is not a teacher store",
+                                "choose an empty or new directory, or pass overwrite=True")
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f".zarr.json.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.write_bytes(_json_bytes({**_GROUP_JSON, "attributes": {ROOT_ATTR: meta.to_attrs()}}))
+        try:
+            os.link(tmp, path / "zarr.json")  # exclusive: exactly one creator publishes the root
+            created = True
+        except FileExistsError:
+            created = False
+        finally:
+            tmp.unlink()
+        if not created:
+            existing = read_meta(path)
+            if existing.layout_key() != meta.layout_key():
+                diff = _describe_diff(existing.layout_key(), meta.layout_key())
+                raise ArtifactError(
+                    f"teacher store {path} exists with different parameters: {diff}",
+                    "use a new path, pass the parameters it was created with, or overwrite=True to rescore from scratch",
+                )
+            meta = existing
+        for sub in (SHARDS_DIR, MARKERS_DIR):
+            (path / sub).mkdir(exist_ok=True)
+        if not (path / SHARDS_DIR / "zarr.json").exists():
+            _write_file_atomic(path / SHARDS_DIR / "zarr.json", _json_bytes(_GROUP_JSON))
+        return cls(path, meta, fsync)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, fsync: bool = True) -> "StoreWriter":
+        """Open an existing store for writing more shards (a resumed run)."""
+        path = Path(path)
+        meta = read_meta(path)
+        if meta.complete:
+            raise ArtifactError(f"teacher store {path} is already complete (finalized)",
+                                "nothing to write; pass overwrite=True to StoreWriter.create to rescore")
+        return cls(path, meta, fsync)
+
+    # ---- shards ---------------------------------------------------------------------------
+
+    @property
+    def num_shards(self) -> int:
+        return self.meta.num_shards
+
+    def shard_range(self, shard_id: int) -> range:
+        if not 0 <= shard_id < self.num_shards:
+            raise ConfigError(f"teacher store {self.path}: shard {shard_id} out of range [0, {self.num_shards})",
+                              "use writer.pending_shards() / shard_ranges()")
+        sps = self.meta.sequences_per_shard
+        return range(shard_id * sps, min((shard_id + 1) * sps, self.meta.num_sequences))
+
+    def shard_ranges(self) -> list[range]:
+        """Sequence-index range of every shard (contiguous, in order)."""
+        return [self.shard_range(s) for s in range(self.num_shards)]
+
+    def shard_of(self, seq_index: int) -> int:
+        if not 0 <= seq_index < self.meta.num_sequences:
+            raise ConfigError(f"teacher store {self.path}: sequence {seq_index} out of range [0, {self.meta.num_sequences})",
+                              "check the rollout index")
+        return seq_index // self.meta.sequences_per_shard
+
+    def marker_path(self, shard_id: int) -> Path:
+        return self.path / MARKERS_DIR / f"{shard_name(shard_id)}.json"
+
+    def marker(self, shard_id: int) -> ShardMarker | None:
+        return ShardMarker.read(self.marker_path(shard_id))
+
+    def is_done(self, shard_id: int) -> bool:
+        return self.marker_path(shard_id).exists()
+
+    def done_shards(self) -> list[int]:
+        return [s for s in range(self.num_shards) if self.is_done(s)]
+
+    def pending_shards(self, worker: int = 0, num_workers: int = 1) -> list[int]:
+        """Shards of ``worker`` (shard s belongs to worker s % num_workers) without a done marker."""
+        if num_workers < 1 or not 0 <= worker < num_workers:
+            raise ConfigError(f"teacher store writer: worker={worker} num_workers={num_workers}",
+                              "need 0 <= worker < num_workers")
+        return [s for s in range(worker, self.num_shards, num_workers) if not self.is_done(s)]
+
+    def write_shard(self, shard_id: int, records: list[SequenceRecord]) -> ShardMarker:
+        """Validate and write all sequences of one shard; returns its done marker.
+
+        A shard that already has a marker is not rewritten: identical content returns the
+        existing marker, different content raises `ArtifactError`.
+        """
+        rng = self.shard_range(shard_id)
+        if len(records) != len(rng):
+            raise RecordError(
+                f"teacher store {self.path}: shard {shard_id} holds sequences {rng.start}..{rng.stop - 1} "
+                f"({len(rng)}), got {len(records)} records",
+                "pass exactly the records of writer.shard_range(shard) in index order",
+            )
+        m = self.meta
+        valid = [validate_record(rec, rng.start + j, top_k=m.top_k, vocab_size=m.vocab_size,
+                                 has_rollout_logprobs=m.has_rollout_logprobs) for j, rec in enumerate(records)]
+        hashes = [rec.content_hash for rec in valid]
+        digest = _content_digest(hashes)
+        existing = self.marker(shard_id)
+        if existing is not None:
+            if existing.content_digest != digest:
+                raise ArtifactError(
+                    f"teacher store {self.path}: shard {shard_id} is already written with different content",
+                    "the rollouts changed: score into a new store (or overwrite=True)",
+                )
+            return existing
+
+        shards_dir = self.path / SHARDS_DIR
+        final = shards_dir / shard_name(shard_id)
+        for stale in shards_dir.glob(f".tmp-{shard_name(shard_id)}-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a writer killed mid-shard
+        tmp = shards_dir / f".tmp-{shard_name(shard_id)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            self._write_arrays(tmp, shard_id, valid, hashes)
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            if self.fsync:
+                for p in tmp.rglob("*"):
+                    _fsync_path(p, directory=p.is_dir())
+                _fsync_path(tmp, directory=True)
+            if final.exists():  # renamed by a writer killed before its marker: redo
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            if self.fsync:
+                _fsync_path(shards_dir, directory=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        marker = ShardMarker(
+            shard=shard_id, first_sequence=rng.start, num_sequences=len(rng),
+            prompt_tokens=int(sum(len(r.prompt_ids) for r in valid)),
+            response_tokens=int(sum(len(r.response_ids) for r in valid)),
+            content_digest=digest, files={k: v for k, v in files.items() if not k.endswith("zarr.json")},
+            written_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname(), pid=os.getpid(),
+        )
+        _write_file_atomic(self.marker_path(shard_id), _json_bytes(marker.__dict__), fsync=self.fsync)
+        return marker
+
+    def _write_arrays(self, directory: Path, shard_id: int, recs: list[SequenceRecord], hashes: list[str]) -> None:
+        import zarr
+
+        m = self.meta
+        rng = self.shard_range(shard_id)
+        group = zarr.open_group(directory, mode="w-", attributes={"shard": shard_id, "first_sequence": rng.start,
+                                                                  "num_sequences": len(rng)})
+        cat = lambda name, dtype: np.concatenate([getattr(r, name) for r in recs]).astype(dtype, copy=False)  # noqa: E731
+        token_kw = {"chunk_tokens": m.chunk_tokens, "clevel": m.clevel}
+        write_token_array(group, "prompt_ids", cat("prompt_ids", np.int32), **token_kw)
+        # Response-axis arrays: each sequence starts on a chunk boundary (schema docstring).
+        lens = np.array([len(r.response_ids) for r in recs], dtype=np.int64)
+        starts = aligned_starts(lens, m.chunk_tokens)
+        slots = int(starts[-1] + -(-lens[-1] // m.chunk_tokens) * m.chunk_tokens) if len(lens) else 0
+        segments = list(zip(starts.tolist(), (np.cumsum(lens) - lens).tolist(), lens.tolist()))
+
+        def aligned(values: np.ndarray) -> np.ndarray:
+            out = np.zeros((*values.shape[:-1], slots), dtype=values.dtype)
+            for dst, src, n in segments:
+                out[..., dst:dst + n] = values[..., src:src + n]
+            return out
+
+        response, teacher = cat("response_ids", np.int32), cat("teacher_logprobs", np.float32)
+        write_token_array(group, "response_ids", aligned(response), **token_kw)
+        write_token_array(group, "teacher_logprobs", aligned(teacher), **token_kw)
+        if m.has_rollout_logprobs:
+            write_token_array(group, "rollout_logprobs", aligned(cat("rollout_logprobs", np.float32)), **token_kw)
+        if m.top_k:
+            ids, codes = encode_topk(response, teacher, np.concatenate([r.topk_ids for r in recs]),
+                                     np.concatenate([r.topk_logprobs for r in recs]))
+            write_token_array(group, "topk_ids", aligned(ids), attributes={"encoding": ENCODINGS["topk_ids"]},
+                              **token_kw)
+            write_token_array(group, "topk_logprobs", aligned(codes),
+                              attributes={"encoding": ENCODINGS["topk_logprobs"]}, **token_kw)
+        per_seq = {
+            "prompt_lens": np.array([len(r.prompt_ids) for r in recs], np.int32),
+            "response_lens": np.array([len(r.response_ids) for r in recs], np.int32),
+            "sample_index": np.array([r.sample_index for r in recs], np.int32),
+            "content_hash": np.array([hash_to_uint64(h) for h in hashes], np.uint64),
+            "prompt_id": np.array([r.prompt_id for r in recs], dtype=object),
+        }
+        for name, values in per_seq.items():
+            write_small_array(group, name, values, clevel=m.clevel)
+
+
+def _describe_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _describe_diff(a, b, prefix=f"{prefix}{key}.")
+            if inner:
+                parts.append(inner)
+        elif a != b:
+            parts.append(f"{prefix}{key}: store has {a!r}, requested {b!r}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# Finalize
+
+
+@dataclass
+class StoreSummary:
+    """What `finalize_store` and `inspect_store` report."""
+
+    path: str
+    complete: bool
+    schema_version: int
+    num_sequences: int
+    num_shards: int
+    shards_done: int
+    top_k: int
+    vocab_size: int
+    has_rollout_logprobs: bool
+    prompt_tokens: int
+    response_tokens: int
+    nbytes: int
+    provenance: dict[str, Any]
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.nbytes / max(1, self.response_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "bytes_per_token": round(self.bytes_per_token, 3)}
+
+
+def store_nbytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _publish_root(path: Path, meta: StoreMeta, consolidated: dict[str, Any] | None) -> None:
+    doc: dict[str, Any] = {**_GROUP_JSON, "attributes": {ROOT_ATTR: meta.to_attrs()}}
+    if consolidated is not None:
+        doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
+    _write_file_atomic(path / "zarr.json", _json_bytes(doc))
+
+
+def _consolidated(path: Path) -> dict[str, Any]:
+    """zarr v3 inline consolidated metadata: every node's zarr.json below the root."""
+    out: dict[str, Any] = {}
+    for sub in (SHARDS_DIR, SEQUENCES_DIR):
+        for meta_file in sorted((path / sub).rglob("zarr.json")):
+            rel = meta_file.parent.relative_to(path).as_posix()
+            if "/." in f"/{rel}":
+                continue  # temporaries
+            out[rel] = json.loads(meta_file.read_text())
+    return out
+
+
+def finalize_store(path: str | os.PathLike, *, verify: bool = True, progress: bool = False) -> StoreSummary:
+    """Check every shard, gather per-sequence arrays, consolidate metadata, set ``complete``.
+
+    Run once, by one process, after all writers have exited. Idempotent: finalizing a
+    complete store re-checks it and returns its summary. ``verify=True`` reads every
+    chunk of every shard (checksums, content hashes) before publishing ``complete``.
+    """
+    import zarr
+
+    from megatron_lopd.store.format import read_small_array
+
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.complete:
+        return _finalized_summary(path, meta, verify=verify, progress=progress)
+    writer = StoreWriter(path, meta)
+    missing = [s for s in range(meta.num_shards) if not writer.is_done(s)]
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise ArtifactError(
+            f"teacher store {path}: {len(missing)} of {meta.num_shards} shards have no done marker ({shown})",
+            "rerun the scoring workers (they write only missing shards), then finalize",
+        )
+    if verify:
+        from megatron_lopd.store.verify import verify_store
+
+        report = verify_store(path, require_complete=False, progress=progress)
+        if not report.ok:
+            raise ArtifactError(f"teacher store {path}: {report.first_problem}",
+                                "delete the named shard's marker, rerun its writer, then finalize again")
+    for stale in (path / SHARDS_DIR).glob(".tmp-*"):  # left by killed writers; all writers are done
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in (path / MARKERS_DIR).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+    gathered: dict[str, list[np.ndarray]] = {}
+    for s in range(meta.num_shards):
+        group = zarr.open_group(path / SHARDS_DIR / shard_name(s), mode="r")
+        for name in ("prompt_lens", "response_lens", "sample_index", "content_hash", "prompt_id"):
+            gathered.setdefault(name, []).append(read_small_array(group, name, f"{path}: shard {s}"))
+    seq_dir = path / SEQUENCES_DIR
+    if seq_dir.exists():
+        shutil.rmtree(seq_dir)  # from a finalize that crashed before publishing
+    group = zarr.open_group(seq_dir, mode="w")
+    for name, parts in gathered.items():
+        values = np.concatenate(parts)
+        if name == "prompt_id":
+            values = values.astype(object)
+        write_small_array(group, name, values, clevel=meta.clevel, chunk=1 << 16)
+    prompt_tokens = int(np.concatenate(gathered["prompt_lens"]).sum(dtype=np.int64))
+    response_tokens = int(np.concatenate(gathered["response_lens"]).sum(dtype=np.int64))
+    meta.complete = True
+    meta.prompt_tokens, meta.response_tokens = prompt_tokens, response_tokens
+    meta.finalized_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    meta.nbytes = store_nbytes(path)
+    _publish_root(path, meta, _consolidated(path))  # the one atomic step that makes it complete
+    return _finalized_summary(path, meta, verify=False)
+
+
+def _finalized_summary(path: Path, meta: StoreMeta, *, verify: bool, progress: bool = False) -> StoreSummary:
+    if verify:
+        from megatron_lopd.store.verify import verify_store
+
+        report = verify_store(path, progress=progress)
+        if not report.ok:
+            raise ArtifactError(f"teacher store {path}: {report.first_problem}", "rescore the named shard")
+    return StoreSummary(
+        path=str(path), complete=True, schema_version=meta.schema_version, num_sequences=meta.num_sequences,
+        num_shards=meta.num_shards, shards_done=meta.num_shards, top_k=meta.top_k, vocab_size=meta.vocab_size,
+        has_rollout_logprobs=meta.has_rollout_logprobs, prompt_tokens=int(meta.prompt_tokens or 0),
+        response_tokens=int(meta.response_tokens or 0), nbytes=store_nbytes(path),
+        provenance=meta.provenance.to_dict(),
+    )
