@@ -2,9 +2,11 @@
 
 Scoring runs the decoder once per padded batch and applies the LM head only at response
 positions (a 150K vocabulary over every prompt position would dominate memory), then
-log-softmax in float32 and one `torch.topk` per batch. Generation is a plain KV-cached
-sampling loop with one `torch.Generator` per sample, so each sample depends on its own
-seed only, not on which other prompts share its batch.
+log-softmax in float32 and one `torch.topk` per batch. Generation decodes many samples at
+once with a KV cache; a batch holds prompts of one length only (no padding), and each
+sample's randomness is a sequence of uniforms drawn from its own `torch.Generator`, so a
+sample depends on its own seed only, not on which other prompts share its batch (up to
+the last bits of float32 matmuls of different batch sizes).
 """
 
 from __future__ import annotations
@@ -45,10 +47,22 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero all but the smallest set of most likely tokens whose mass reaches top_p (the crossing token is kept)."""
     if top_p >= 1.0:
         return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # stable: ties resolved by token id
     keep_sorted = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return probs * keep
+
+
+def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor | None, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row of `logits` [B, V]: argmax when temperature is 0, else the inverse CDF of the
+    tempered, top-p filtered distribution at that row's uniform in [0, 1) (float64 [B])."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = top_p_filter(torch.softmax(logits / temperature, dim=-1), top_p)
+    cdf = probs.double().cumsum(dim=-1)  # float64: no drift over a 150K vocabulary
+    # right=True skips zero-probability tokens (their CDF equals their predecessor's); u < 1 keeps it in range.
+    picked = torch.searchsorted(cdf, (uniforms.to(cdf) * cdf[:, -1])[:, None], right=True)[:, 0]
+    return picked.clamp_(max=logits.shape[-1] - 1)
 
 
 class HfBackend:
@@ -63,7 +77,7 @@ class HfBackend:
         seed: int = 0,
         device: str | None = None,
         batch_tokens: int = 32768,
-        max_batch: int = 64,
+        max_batch: int = 512,
         logits_chunk: int = 8192,
     ):
         from transformers import AutoModelForCausalLM
@@ -134,62 +148,63 @@ class HfBackend:
         self, prompts: list[list[int]], params: SamplingParams, prompt_indices: Sequence[int] | None = None
     ) -> list[list[Sample]]:
         check_lengths(prompts, None, self.max_model_len, what="prompt")
-        indices = list(range(len(prompts))) if prompt_indices is None else list(prompt_indices)
-        rows = [(p, j) for p in range(len(prompts)) for j in range(params.n)]
+        indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
+        if len(indices) != len(prompts):
+            raise ConfigError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts", "pass one global index per prompt")
+        # Only prompts of one length share a batch: no padding, so a row's numbers do not depend on its neighbours.
+        by_length: dict[int, list[tuple[int, int]]] = {}
+        for p, prompt in enumerate(prompts):
+            by_length.setdefault(len(prompt), []).extend((p, j) for j in range(params.n))
         samples: dict[tuple[int, int], Sample] = {}
-        for s in range(0, len(rows), self.max_batch):
-            chunk = rows[s : s + self.max_batch]
-            seeds = [sample_seed(params.seed, indices[p], j) for p, j in chunk]
-            for key, sample in zip(chunk, self._generate_rows([prompts[p] for p, _ in chunk], seeds, params)):
-                samples[key] = sample
+        for length, rows in by_length.items():
+            budget = min(params.max_tokens, self.max_model_len - length)
+            per_batch = max(1, min(self.max_batch, self.batch_tokens // (length + budget)))
+            for s in range(0, len(rows), per_batch):
+                chunk = rows[s : s + per_batch]
+                seeds = [sample_seed(params.seed, indices[p], j) for p, j in chunk]
+                samples.update(zip(chunk, self._decode([prompts[p] for p, _ in chunk], seeds, budget, params)))
         return [[samples[(p, j)] for j in range(params.n)] for p in range(len(prompts))]
 
-    def _generate_rows(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> list[Sample]:
-        dev, B = self.device, len(prompts)
-        stop = torch.tensor(sorted(set(self.info.eos_token_ids) | set(params.stop_token_ids)), device=dev, dtype=torch.long)
-        width = max(map(len, prompts))
-        ids = torch.zeros(B, width, dtype=torch.long)
-        mask = torch.zeros(B, width, dtype=torch.long)
-        for b, p in enumerate(prompts):  # left padding: every row's next token lands in the last column
-            ids[b, width - len(p) :] = torch.tensor(p)
-            mask[b, width - len(p) :] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        budget = [min(params.max_tokens, self.max_model_len - len(p)) for p in prompts]
-        gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, next_pos = out.past_key_values, positions[:, -1:] + 1
-        tokens: list[list[int]] = [[] for _ in range(B)]
-        logprobs: list[list[float]] = [[] for _ in range(B)]
-        finish: list[str | None] = [None] * B
-        logits = out.logits[:, -1, :].float()
-        for _step in range(max(budget)):
-            raw = torch.log_softmax(logits, dim=-1)
-            chosen = torch.zeros(B, dtype=torch.long, device=dev)
-            for b in range(B):
-                if finish[b] is not None:
-                    continue
-                if params.temperature == 0:
-                    chosen[b] = int(torch.argmax(logits[b]))
-                else:
-                    probs = top_p_filter(torch.softmax(logits[b] / params.temperature, dim=-1), params.top_p)
-                    chosen[b] = int(torch.multinomial(probs, 1, generator=gens[b]))
-                tok = int(chosen[b])
-                tokens[b].append(tok)
-                logprobs[b].append(float(raw[b, tok]))
-                if bool((stop == tok).any()):
-                    finish[b] = FINISH_STOP
-                elif len(tokens[b]) >= budget[b]:
-                    finish[b] = FINISH_LENGTH
-            if all(f is not None for f in finish):
+    def _decode(self, prompts: list[list[int]], seeds: list[int], budget: int, params: SamplingParams) -> list[Sample]:
+        """KV-cached decoding of equal-length prompts, up to `budget` tokens each, every step batched."""
+        dev, rows = self.device, len(prompts)
+        stop = torch.tensor(sorted(set(self.info.eos_token_ids) | set(params.stop_token_ids)), dtype=torch.long, device=dev)
+        # Each row's randomness, drawn up front from its own generator: one uniform per step (inverse-CDF sampling).
+        uniforms = None if params.temperature == 0 else torch.stack(
+            [torch.rand(budget, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(dev)
+        tokens = torch.zeros(rows, budget, dtype=torch.long, device=dev)
+        logprobs = torch.zeros(rows, budget, dtype=torch.float32, device=dev)
+        lengths = torch.full((rows,), budget, dtype=torch.long, device=dev)
+        stopped = torch.zeros(rows, dtype=torch.bool, device=dev)
+        held = torch.arange(rows, device=dev)  # the output row of each cache row
+        alive = torch.ones(rows, dtype=torch.bool, device=dev)  # per cache row: still generating
+        out = self.model(input_ids=torch.tensor(prompts, device=dev), use_cache=True, logits_to_keep=1)
+        for t in range(budget):
+            logits = out.logits[:, -1].float()
+            chosen = sample_tokens(logits, None if uniforms is None else uniforms[held, t], params.temperature, params.top_p)
+            tokens[held[alive], t] = chosen[alive]
+            if params.record_logprobs:  # raw: temperature 1, full vocabulary
+                logprobs[held[alive], t] = torch.log_softmax(logits[alive], dim=-1).gather(1, chosen[alive, None])[:, 0]
+            ended = alive & torch.isin(chosen, stop)
+            lengths[held[ended]] = t + 1
+            stopped[held[ended]] = True
+            alive &= ~ended
+            num_alive = int(alive.sum())
+            if num_alive == 0 or t + 1 == budget:
                 break
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
-            out = self.model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True)
-            cache, next_pos = out.past_key_values, next_pos + 1
-            logits = out.logits[:, -1, :].float()
+            if num_alive <= 0.75 * len(alive):  # finished rows are a quarter of the cache: drop them (geometric copy cost)
+                keep = alive.nonzero()[:, 0]
+                out.past_key_values.reorder_cache(keep)
+                held, alive, chosen = held[keep], alive[keep], chosen[keep]
+            out = self.model(input_ids=chosen[:, None], past_key_values=out.past_key_values, use_cache=True)
+        tokens, logprobs, lengths, stopped = tokens.cpu(), logprobs.cpu(), lengths.tolist(), stopped.tolist()
         return [
-            Sample(response_ids=tokens[b], finish_reason=finish[b] or FINISH_LENGTH, logprobs=logprobs[b] if params.record_logprobs else None)
-            for b in range(B)
+            Sample(
+                response_ids=tokens[b, : lengths[b]].tolist(),
+                finish_reason=FINISH_STOP if stopped[b] else FINISH_LENGTH,
+                logprobs=logprobs[b, : lengths[b]].tolist() if params.record_logprobs else None,
+            )
+            for b in range(rows)
         ]
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from megatron_lopd.errors import ArtifactError, ConfigError
 from megatron_lopd.generation import SamplingParams, load_backend
-from megatron_lopd.generation.hf_backend import top_p_filter
+from megatron_lopd.generation.hf_backend import sample_tokens, top_p_filter
 from tests.generation.reference import assert_topk_matches, full_logprobs, next_token_logprobs, token_logprobs
 
 ATOL = 2e-5  # float32 model vs float64 reference on a 2-layer model
@@ -89,6 +89,84 @@ def test_greedy_follows_the_argmax(backend, tiny_hf_dir):
         assert tok == int(np.argmax(next_token_logprobs(tiny_hf_dir, prompt + s.response_ids[:t])))
 
 
+def _flat(out):
+    return [(s.response_ids, s.finish_reason, s.logprobs) for per_prompt in out for s in per_prompt]
+
+
+def test_samples_do_not_depend_on_batch_size_or_split(tiny_hf_dir):
+    """Same seeds, same samples: rows per batch 1 / 2 / 5 / 512, and the prompts split over three calls.
+
+    Mixed prompt lengths (batches hold one length each), stop tokens so rows end at different steps
+    (finished rows leave the cache mid-batch), and a context of 40 so that long prompts get fewer
+    than max_tokens. Tokens and finish reasons must be identical; log-probs within 1e-6 (float32
+    matmuls of different batch sizes may differ in the last bits), and within 2e-5 of float64."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(7, 100, size=int(rng.choice([3, 3, 3, 5, 8, 30]))).tolist() for _ in range(9)]
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=25, n=3, seed=21, record_logprobs=True,
+                            stop_token_ids=(40, 41, 42, 43))
+    results = []
+    for max_batch in (1, 2, 5, 512):
+        be = load_backend("hf", tiny_hf_dir, max_model_len=40, max_batch=max_batch)
+        results.append(_flat(be.generate(prompts, params)))
+        if max_batch == 5:
+            parts = [(0, 2), (2, 7), (7, 9)]
+            results.append(_flat(sum((be.generate(prompts[a:b], params, prompt_indices=range(a, b)) for a, b in parts), [])))
+        be.close()
+    reference = results[0]
+    for other in results[1:]:
+        assert [r[:2] for r in other] == [r[:2] for r in reference]
+        for (_, _, lp), (_, _, ref_lp) in zip(other, reference):
+            np.testing.assert_allclose(lp, ref_lp, atol=1e-6, rtol=0)
+    stops, lengths = {40, 41, 42, 43, 1}, set()
+    for (ids, reason, lp), p in zip(reference, [p for p in prompts for _ in range(3)]):
+        lengths.add(len(ids))
+        assert not stops & set(ids[:-1]) and (reason == "stop") == (ids[-1] in stops)
+        if reason == "length":
+            assert len(ids) == min(25, 40 - len(p))
+        np.testing.assert_allclose(lp, token_logprobs(full_logprobs(tiny_hf_dir, p, ids), ids), atol=ATOL)
+    assert {"stop", "length"} == {r[1] for r in reference} and 10 in lengths  # 30-token prompts: 10 tokens of context left
+    assert len({tuple(r[0]) for r in reference[:3]}) == 3  # the samples of one prompt differ
+
+
+def test_greedy_batched_equals_one_prompt_at_a_time(tiny_hf_dir):
+    """Greedy over a batch of mixed-length prompts == each prompt alone == the float64 argmax at every step."""
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(7, 100, size=int(rng.integers(2, 12))).tolist() for _ in range(12)]
+    params = SamplingParams(temperature=0, max_tokens=10, n=2)
+    be = load_backend("hf", tiny_hf_dir)
+    batched = be.generate(prompts, params)
+    alone = [be.generate([p], params)[0] for p in prompts]
+    be.close()
+    assert [[s.response_ids for s in x] for x in batched] == [[s.response_ids for s in x] for x in alone]
+    for p, (first, second) in zip(prompts, batched):
+        assert first.response_ids == second.response_ids  # greedy ignores the seed
+        for t, tok in enumerate(first.response_ids):
+            ref = next_token_logprobs(tiny_hf_dir, p + first.response_ids[:t])
+            runner_up = np.sort(ref)[-2]
+            assert ref[tok] == ref.max() or ref.max() - runner_up < 1e-5, (p, t)  # a float64 near-tie may go either way
+
+
+def test_sample_tokens_follows_the_tempered_top_p_distribution():
+    """Inverse CDF at N evenly spaced uniforms: each token is picked N * p times (+-1), p from a float64 re-derivation."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, float("-inf"), 1.0, -3.0, 0.0]])
+    temperature, top_p, n = 0.7, 0.9, 10_000
+    p = np.exp(logits[0].double().numpy() / temperature)
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    kept = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]  # smallest set reaching top_p
+    expected = np.zeros_like(p)
+    expected[kept] = p[kept] / p[kept].sum()
+    uniforms = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    picked = sample_tokens(logits.expand(n, -1), uniforms, temperature, top_p)
+    counts = np.bincount(picked.numpy(), minlength=len(p))
+    assert np.all(np.abs(counts - n * expected) <= 1), (counts, n * expected)
+    assert counts[3] == 0 and len(kept) < 6  # -inf never, and top-p did drop something
+    # The ends of [0, 1) never land on a zero-probability token; temperature 0 is the argmax.
+    edge = torch.tensor([[float("-inf"), 1.0, 0.0, float("-inf")]] * 2)
+    assert sample_tokens(edge, torch.tensor([0.0, 1 - 2.0**-53], dtype=torch.float64), 1.0, 1.0).tolist() == [1, 2]
+    assert sample_tokens(logits, None, 0.0, 1.0).tolist() == [0]
+
+
 def test_top_p_filter_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.05, 0.5, 0.3, 0.15], [0.25, 0.25, 0.25, 0.25]])
     kept = top_p_filter(probs, 0.75) > 0
@@ -109,3 +187,5 @@ def test_refuses_bad_inputs(backend, tmp_path):
         load_backend("tgi", tmp_path)
     with pytest.raises(ConfigError, match="temperature=-1"):
         SamplingParams(temperature=-1)
+    with pytest.raises(ConfigError, match="prompt_indices has 1 entries for 2 prompts"):
+        backend.generate([[5], [6]], SamplingParams(), prompt_indices=[3])
