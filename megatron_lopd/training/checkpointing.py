@@ -1,0 +1,266 @@
+"""Training checkpoints: one Megatron dist checkpoint with model, optimizer and RNG, plus metadata.
+
+Layout of `<run_dir>/checkpoints/`:
+
+    step_0000050/                 a megatron.core.dist_checkpointing directory:
+        ...                         "model" (the same keys as `lopd convert from-hf` writes),
+                                    "optimizer" (Adam moments, fp32 main params; model-space
+                                    sharding, so it reloads at another DP / TP size), "rng"
+        lopd_checkpoint.json      format_version, hf_config, layout, iteration, kind and the
+                                  "trainer" state: step, scheduler, data position, counters
+        tokenizer/                the student's tokenizer
+    latest                        name of the newest complete checkpoint (atomic replace)
+
+A checkpoint is written under `step_N.partial` and renamed once every rank has finished,
+then `latest` is replaced: a run killed at any moment leaves either the previous or the
+new checkpoint as latest, never a torn one. `model.start_from` can point at any of these
+directories (the model loader ignores the optimizer part).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_lopd.errors import ArtifactError
+
+from megatron_lopd.models.checkpoint import FORMAT_VERSION, copy_tokenizer_files, read_checkpoint_metadata
+from megatron_lopd.models.checkpoint import METADATA_FILE as METADATA_NAME
+
+LATEST_NAME = "latest"
+_PARTIAL = ".partial"
+# The distributed optimizer's state in a canonical per-parameter form, loadable at any DP
+# (and TP/PP) size. (megatron-core 0.16.1's default, fully_sharded_model_space, fails on
+# save with "flattened_range is not supported".)
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def read_metadata(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint's metadata, checked against its files (models.checkpoint's reader)."""
+    return read_checkpoint_metadata(ckpt_dir)
+
+
+def find_latest(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root` (via the `latest` marker), or None."""
+    root = Path(root)
+    marker = root / LATEST_NAME
+    if not marker.is_file():
+        return None
+    path = root / marker.read_text().strip()
+    if not (path / METADATA_NAME).is_file():
+        raise ArtifactError(f"{marker} names {path.name}, which is missing or incomplete", f"delete {marker} to start over, or restore {path}")
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    np_state = np.random.get_state()
+    state = {
+        "random": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(data):
+    """One RNG state per (PP, TP) rank, replicated over DP (Megatron's convention)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    return ShardedObject(
+        "rng_state",
+        data,
+        (pp, tp),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+        "expert_parallel": ps.get_expert_model_parallel_world_size(),
+        "data_parallel": ps.get_data_parallel_world_size(),
+    }
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def save_training_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    qwen3,
+    tokenizer_dir: str | Path | None,
+    trainer_state: dict[str, Any],
+    start_fingerprint: str | None = None,
+    keep_last: int = 0,
+) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / step_dir_name(step)
+    partial = final.with_name(final.name + _PARTIAL)
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+        partial.mkdir()
+    dist.barrier()
+    model_sd = model.sharded_state_dict()
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPTIMIZER_METADATA),
+        "rng": _rng_sharded_object(_rng_state()),
+    }
+    dist_checkpointing.save(state, str(partial))
+    dist.barrier()
+    if rank == 0:
+        layout = _layout()
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": "training",
+            "hf_config": qwen3.to_hf_dict(),
+            "tensor_parallel": layout["tensor_parallel"],
+            "pipeline_parallel": layout["pipeline_parallel"],
+            "expert_parallel": layout["expert_parallel"],
+            "data_parallel": layout["data_parallel"],
+            "iteration": step,
+            "start_fingerprint": start_fingerprint,  # what the run started from (not this model)
+            "trainer": trainer_state,
+        }
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, partial / "tokenizer")
+        _atomic_write(partial / METADATA_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if final.exists():  # written by a run that was killed before updating `latest`
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _atomic_write(root / LATEST_NAME, final.name + "\n")
+        if keep_last > 0:
+            steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(_PARTIAL))
+            for old in steps[:-keep_last]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_training_checkpoint(ckpt_dir: str | Path, *, model, optimizer) -> dict[str, Any]:
+    """Load model, optimizer and (same TP/PP layout only) RNG state; returns the trainer state.
+
+    The data-parallel size may differ from the one that saved (model-space sharding).
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_metadata(ckpt_dir)
+    if "trainer" not in meta:
+        raise ArtifactError(
+            f"{ckpt_dir}: a {meta.get('kind')!r} checkpoint without trainer state cannot be resumed",
+            "resume from a checkpoint written by `lopd train`, or start a new run with model.start_from=" + str(ckpt_dir),
+        )
+    _init_adam_state(optimizer)
+    layout = _layout()
+    same_model_layout = all(meta.get(k) == layout[k] for k in ("tensor_parallel", "pipeline_parallel"))
+    model_sd = model.sharded_state_dict()
+    request = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIMIZER_METADATA)}
+    if same_model_layout:
+        request["rng"] = _rng_sharded_object(None)
+    try:
+        state = dist_checkpointing.load(request, str(ckpt_dir))
+    except Exception as exc:  # megatron raises CheckpointingException / KeyError / RuntimeError
+        raise ArtifactError(f"{ckpt_dir}: cannot load the checkpoint ({type(exc).__name__}: {exc})", "resume from another checkpoint") from exc
+    model.load_state_dict(state["model"])
+    with torch.no_grad():  # megatron copies into views of leaf parameters, which autograd refuses
+        optimizer.load_state_dict(state["optimizer"])
+    _set_adam_step(optimizer, int(meta["trainer"]["optimizer_updates"]))
+    if same_model_layout and state.get("rng") is not None:
+        _set_rng_state(state["rng"])
+    return meta["trainer"]
+
+
+def _torch_adams(optimizer) -> list[torch.optim.Optimizer]:
+    """The plain torch Adam/AdamW instances inside a Megatron optimizer (CPU runs; on GPU it
+    uses TE's FusedAdam, which keeps `step` in its param groups and needs none of this)."""
+    chain = getattr(optimizer, "chained_optimizers", [optimizer])
+    inner = [getattr(o, "optimizer", None) for o in chain]
+    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _init_adam_state(optimizer) -> None:
+    """A fresh torch Adam has no per-parameter state; megatron-core 0.16.1's distributed
+    optimizer asserts on that when building the load request. Zero state, step 0: every
+    value is overwritten by the load."""
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            for p in group["params"]:
+                st = adam.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _set_adam_step(optimizer, updates: int) -> None:
+    """Restore Adam's step count (its bias correction). megatron-core 0.16.1's distributed
+    optimizer load copies the live, pre-load `step` over the checkpoint's value for torch
+    Adam; the trainer records the number of updates itself."""
+    for adam in _torch_adams(optimizer):
+        for st in adam.state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(float(updates))
+
+
+def record_hf_export(ckpt_dir: str | Path, hf_dir: str | Path, hf_fingerprint: str) -> None:
+    """Note in a checkpoint's metadata the HF export made from it (its fingerprint links the
+    checkpoint to rollouts later sampled from the export)."""
+    path = Path(ckpt_dir) / METADATA_NAME
+    meta = json.loads(path.read_text())
+    meta.update(hf_export=str(hf_dir), hf_fingerprint=hf_fingerprint)
+    _atomic_write(path, json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,394 @@
+"""Typed training configuration: dataclasses, named presets, files and `key=value` overrides.
+
+One way to configure a run: start from a named preset (`lightning_opd`, `sft`,
+`tiny_cpu`) or a JSON / YAML / TOML file, then apply `key=value` overrides with dotted
+paths (`optimizer.lr=1e-5 data.store=/data/store parallel.tensor_parallel=4`). Values are
+converted to the field's type; an unknown key is an error that names the closest keys.
+
+Batch semantics (the paper's "global batch 256 sequences"): one optimizer step consumes
+exactly `data.global_batch` sequences of the shuffled data stream, split evenly across
+data-parallel ranks (so global_batch must be divisible by DP). On each rank the
+sequences are packed whole (never split) into rows of `data.seq_length` tokens, and
+`data.micro_batch_size` rows form one micro-batch: the token budget of a micro-batch is
+micro_batch_size x seq_length. The number of micro-batches follows from the packing.
+The loss is the mean over each sequence's response tokens, then the mean over the
+global batch's sequences, however the batch was split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from megatron_lopd.errors import ConfigError
+
+LOSSES = ("lightning_opd", "topk_reverse_kl", "topk_forward_kl", "sft")
+PRECISIONS = ("auto", "fp32", "bf16")
+FP8_RECIPES = ("", "delayed", "current")
+RECOMPUTE = ("", "full", "selective")
+SCHEDULES = ("constant", "cosine")
+RESUME = ("auto", "none")  # or a checkpoint path
+
+
+@dataclass
+class ModelConfig:
+    """The student. `start_from`: a Hugging Face dir or a Megatron checkpoint dir (from
+    `lopd convert from-hf` or a training run). `named`: a named Qwen3 shape with random
+    weights instead (benchmarks only; no provenance)."""
+
+    start_from: str = ""
+    named: str = ""
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    fp8: str = ""  # "" (off) | "delayed" (DelayedScaling) | "current" (Float8CurrentScaling); needs TE
+    fp8_amax_history_len: int = 1024  # delayed scaling only
+    recompute: str = ""  # "" | "full" | "selective" activation recompute
+    use_te: str = "auto"  # auto: the Transformer Engine spec when TE imports and CUDA is present; "true" | "false"
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    expert_parallel: int = 1
+    context_parallel: int = 1
+    sequence_parallel: bool = False  # needs TE on GPU; requires tensor_parallel > 1
+    use_distributed_optimizer: bool = True
+
+    def runtime(self):
+        from megatron_lopd.runtime import ParallelConfig as RuntimeParallel
+
+        return RuntimeParallel(
+            tensor_parallel=self.tensor_parallel,
+            pipeline_parallel=self.pipeline_parallel,
+            expert_parallel=self.expert_parallel,
+            context_parallel=self.context_parallel,
+            sequence_parallel=self.sequence_parallel,
+        )
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam (decoupled weight decay, megatron's "adam"); defaults are the paper's."""
+
+    lr: float = 2e-6
+    min_lr: float = 0.0  # cosine floor
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0  # 0 disables clipping (the grad norm is still logged)
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "constant"  # constant | cosine (both with optional linear warmup)
+    warmup_steps: int = 0
+    warmup_fraction: float = 0.0  # used when warmup_steps == 0: fraction of decay_steps
+    decay_steps: int = 0  # cosine horizon; 0 = the run's train steps
+
+
+@dataclass
+class DataConfig:
+    """`store`: the teacher store (Lightning OPD and top-k losses). `sft_data`: the SFT
+    artifact: the training data of the `sft` loss, and for the other losses the artifact
+    whose generator the store's teacher must be (teacher consistency)."""
+
+    store: str = ""
+    sft_data: str = ""
+    global_batch: int = 256  # sequences per optimizer step, all DP ranks together
+    seq_length: int = 8192  # tokens per packed row; <= the model's context
+    micro_batch_size: int = 1  # rows per micro-batch
+    pack: bool = True  # several sequences per row (block-diagonal causal attention)
+    trim_padding: bool = True  # trim micro-batches to their longest row (PP=1 only)
+    pad_to_multiple: int = 8
+    seed: int = 1234  # shuffle seed: epoch e is a permutation drawn from (seed, e)
+    shuffle: bool = True
+    prefetch: bool = True  # read the next step's sequences in a background thread
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 50  # steps; 0 saves only at the end
+    keep_last: int = 2  # 0 keeps every checkpoint
+    resume: str = "auto"  # auto: latest in the run dir if any | none | a checkpoint dir
+    export_hf: bool = True  # export the final model to <run_dir>/hf
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1  # console lines; metrics.jsonl always gets every step
+    tensorboard: bool = True
+    wandb_project: str = ""  # W&B only when set and wandb imports
+    wandb_entity: str = ""
+    wandb_run_name: str = ""
+    peak_tflops: float = 0.0  # per-GPU dense peak for MFU; 0 = from the device name (H100/H200 bf16: 989)
+    progress: bool = True  # tqdm bar on rank 0
+    top1_agreement: bool = True  # read the store's top-k for the teacher top-1 agreement metric
+
+
+@dataclass
+class TeacherConsistencyConfig:
+    """DESIGN section 4. `sft_data_generator`: the SFT data's generator fingerprint when
+    `data.sft_data` is not at hand. The allow_* switches are research opt-outs: logged loudly
+    and recorded in the run's metadata."""
+
+    sft_data_generator: str = ""
+    allow_inconsistent_teacher: bool = False
+    allow_policy_mismatch: bool = False
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/train"
+    loss: str = "lightning_opd"
+    train_steps: int = 150
+    epochs: float = 0.0  # > 0: train_steps = ceil(epochs * len(data) / global_batch)
+    seed: int = 1234  # model-parallel RNG seed
+    max_consecutive_nonfinite: int = 5  # stop after this many NaN/inf steps in a row
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    teacher_consistency: TeacherConsistencyConfig = field(default_factory=TeacherConsistencyConfig)
+
+    def validate(self) -> "TrainConfig":
+        """Checks that need no model or world size (those come at start, before compute)."""
+        choices = (
+            ("loss", self.loss, LOSSES),
+            ("model.precision", self.model.precision, PRECISIONS),
+            ("model.fp8", self.model.fp8, FP8_RECIPES),
+            ("model.recompute", self.model.recompute, RECOMPUTE),
+            ("model.use_te", self.model.use_te, ("auto", "true", "false")),
+            ("schedule.kind", self.schedule.kind, SCHEDULES),
+        )
+        for key, value, allowed in choices:
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(repr(a) for a in allowed)}", f"set {key} to one of them")
+        positive = (
+            ("data.global_batch", self.data.global_batch),
+            ("data.seq_length", self.data.seq_length),
+            ("data.micro_batch_size", self.data.micro_batch_size),
+            ("data.pad_to_multiple", self.data.pad_to_multiple),
+            ("max_consecutive_nonfinite", self.max_consecutive_nonfinite),
+            ("logging.log_every", self.logging.log_every),
+            ("optimizer.lr", self.optimizer.lr),
+        ) + tuple((f"parallel.{f.name}", getattr(self.parallel, f.name)) for f in dataclasses.fields(self.parallel) if f.type in ("int", int))
+        for key, value in positive:
+            if not value > 0:
+                raise ConfigError(f"{key}={value} must be positive", f"set {key} to a positive value")
+        if self.train_steps <= 0 and self.epochs <= 0:
+            raise ConfigError("train_steps and epochs are both 0", "set train_steps=N or epochs=E")
+        if not (0 <= self.optimizer.adam_beta1 < 1 and 0 <= self.optimizer.adam_beta2 < 1):
+            raise ConfigError("Adam betas must lie in [0, 1)", "set optimizer.adam_beta1/adam_beta2 in [0, 1)")
+        if not 0 <= self.schedule.warmup_fraction < 1:
+            raise ConfigError(f"schedule.warmup_fraction={self.schedule.warmup_fraction} is outside [0, 1)", "use a fraction below 1")
+        if bool(self.model.start_from) == bool(self.model.named):
+            raise ConfigError(
+                "exactly one of model.start_from (a HF or Megatron checkpoint dir) and model.named must be set",
+                "pass model.start_from=DIR (or model.named=NAME for a random-weight benchmark)",
+            )
+        needs = "sft_data" if self.loss == "sft" else "store"
+        if not getattr(self.data, needs):
+            raise ConfigError(f"loss {self.loss!r} reads data.{needs}, which is not set", f"pass data.{needs}=DIR")
+        if self.parallel.sequence_parallel and self.parallel.tensor_parallel == 1:
+            raise ConfigError("sequence_parallel needs tensor_parallel > 1", "set parallel.tensor_parallel>=2 or sequence_parallel=false")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Building configs from dicts, files and overrides.
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, typ: Any, key: str) -> Any:
+    """Convert a file value or a command-line string to the field's declared type."""
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} is a section, got {value!r}", f"set its fields: {key}.FIELD=VALUE")
+        return from_dict(typ, value, prefix=f"{key}.")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={value!r} is not a boolean", f"use {key}=true or {key}=false")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not a number", f"give {key} a number")
+        try:
+            if typ is int and isinstance(value, str):
+                number = float(value)  # accepts "1e3"; rejected below if fractional
+                if number != int(number):
+                    raise ValueError
+                return int(number)
+            if typ is int and isinstance(value, float) and value != int(value):
+                raise ValueError
+            return typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not a{'n integer' if typ is int else ' number'}", f"give {key} a {typ.__name__}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}={value!r} is not a string", f"give {key} a string")
+        return "" if value is None else str(value)
+    raise ConfigError(f"{key}: unsupported field type {typ}")  # a bug in this module, not user input
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key {key!r}", hint)
+
+
+def from_dict(cls, data: dict[str, Any], *, prefix: str = ""):
+    """Build a config dataclass from a (nested) dict; missing keys keep their defaults."""
+    types_ = _field_types(cls)
+    unknown = [k for k in data if k not in types_]
+    if unknown:
+        raise _unknown_key(prefix + unknown[0], list(types_))
+    return cls(**{k: _convert(v, types_[k], prefix + k) for k, v in data.items()})
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply `a.b=value` strings; returns a new config (the input is not modified)."""
+    data = config.to_dict()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value", "write overrides as section.field=value")
+        node, cls = data, TrainConfig
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            types_ = _field_types(cls)
+            if part not in types_:
+                raise _unknown_key(key, list(types_))
+            typ = types_[part]
+            if depth == len(parts) - 1:
+                if dataclasses.is_dataclass(typ):
+                    raise ConfigError(f"{key} is a section, not a value", f"set one of its fields: {key}.FIELD=VALUE")
+                node[part] = _convert(value, typ, key)
+            else:
+                if not dataclasses.is_dataclass(typ):
+                    raise ConfigError(f"{'.'.join(parts[: depth + 1])} is a value, not a section", "check the key")
+                node, cls = node[part], typ
+    return from_dict(TrainConfig, data)
+
+
+def load_file(path: str | Path) -> TrainConfig:
+    """A JSON, YAML or TOML file holding a (partial, nested) TrainConfig."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(f"{path}: unknown config format {path.suffix!r}", "use a .json, .yaml/.yml or .toml file")
+    except (ValueError, ImportError) as exc:  # JSONDecodeError, TOMLDecodeError and YAMLError's parents
+        raise ConfigError(f"{path}: cannot parse ({exc})", "fix the file's syntax") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("yaml"):
+            raise ConfigError(f"{path}: cannot parse ({exc})", "fix the file's syntax") from None
+        raise
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of config keys", "write section: {field: value}")
+    base = data.pop("base", None)  # optional: start from a named preset
+    config = named_config(base) if base else TrainConfig()
+    merged = _deep_merge(config.to_dict(), data)
+    try:
+        return from_dict(TrainConfig, merged)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.what}", exc.fix) from None
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Named presets.
+
+
+def lightning_opd_defaults() -> TrainConfig:
+    """The paper's Lightning OPD setting: Adam lr 2e-6 constant, betas (0.9, 0.98), wd 0.1,
+    global batch 256 sequences, ~150 steps; responses up to 4,096 tokens after the prompt."""
+    return TrainConfig(loss="lightning_opd", train_steps=150, data=DataConfig(global_batch=256, seq_length=8192))
+
+
+def sft_defaults() -> TrainConfig:
+    """The paper's SFT stage: lr 8e-5 cosine with 10 % warmup, 3,000 steps, 16K packed rows.
+    Betas / weight decay / batch are not given by the paper: ours follow the OPD defaults."""
+    return TrainConfig(
+        loss="sft",
+        train_steps=3000,
+        optimizer=OptimizerConfig(lr=8e-5, min_lr=0.0),
+        schedule=ScheduleConfig(kind="cosine", warmup_fraction=0.1),
+        data=DataConfig(global_batch=256, seq_length=16384),
+    )
+
+
+def tiny_cpu() -> TrainConfig:
+    """A few-second Lightning OPD run of the tiny model on CPU (tests, demo)."""
+    return TrainConfig(
+        run_dir="runs/tiny",
+        loss="lightning_opd",
+        train_steps=8,
+        model=ModelConfig(precision="fp32", use_te="false"),
+        optimizer=OptimizerConfig(lr=1e-3, clip_grad=1.0),
+        data=DataConfig(global_batch=8, seq_length=128, micro_batch_size=1, prefetch=False),
+        checkpoint=CheckpointConfig(save_every=4, keep_last=2, export_hf=False),
+        logging=LoggingConfig(tensorboard=False, progress=False),
+    )
+
+
+NAMED_CONFIGS: dict[str, Callable[[], TrainConfig]] = {
+    "lightning_opd": lightning_opd_defaults,
+    "sft": sft_defaults,
+    "tiny_cpu": tiny_cpu,
+}
+
+
+def named_config(name: str) -> TrainConfig:
+    if name not in NAMED_CONFIGS:
+        raise ConfigError(f"unknown config {name!r}", f"use a config file or one of {', '.join(NAMED_CONFIGS)}")
+    return NAMED_CONFIGS[name]()
+
+
+def resolve_config(config: str, overrides: list[str] = ()) -> TrainConfig:
+    """`--config FILE|NAME` plus overrides, validated (what `lopd train` runs)."""
+    path = Path(config)
+    if path.suffix in (".json", ".yaml", ".yml", ".toml"):
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found", "check the path")
+        base = load_file(path)
+    else:
+        base = named_config(config)
+    return apply_overrides(base, list(overrides)).validate()
+
