@@ -1,0 +1,383 @@
+"""nemo-run recipes for the consistent-teacher Lightning OPD pipeline (megatron_lopd.pipeline).
+
+    python -m recipes.lightning_opd --factory qwen3_8b run.executor=slurm \\
+        run.executor.account=ACCOUNT run.executor.partition=batch trainer.lr=1e-6 --yes
+    python -m recipes.lightning_opd --factory tiny run.executor=local --yes          # CPU
+    python -m recipes.lightning_opd --factory qwen3_8b stages=train --dryrun         # one stage
+
+Factories (`--factory`): `qwen3_8b`, `qwen3_4b`, `qwen3_30b_a3b`, `tiny`. Executors
+(`run.executor=`): `local` (one task running the selected stages in order; multi-process
+training with torchrun) and `slurm` (one job per stage, chained with `afterok`
+dependencies; a failed stage cancels the rest). No executor runs the stages in this
+process. Every field of the pipeline config can be overridden as `section.key=value`.
+
+The command exits non-zero when a stage fails (nemo-run's own CLI exits 0 then). Before
+anything is submitted it checks the inputs (external paths exist, stages that are not
+part of this run are done), the SLURM account and partition (`sinfo`) and whether SLURM
+can ever schedule each job (`sbatch --test-only`), so bad input fails before it waits in
+a queue.
+"""
+
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import nemo_run as run
+
+from megatron_lopd.errors import ConfigError, LopdError
+from megatron_lopd.pipeline import (
+    CONFIG_NAME,
+    EvalSettings,
+    GenerateSettings,
+    PipelineConfig,
+    ScoreSettings,
+    Stage,
+    StageEnvs,
+    TrainSettings,
+    build_stages,
+    check_inputs,
+    format_results,
+    lopd_command,
+    run_local,
+    select_stages,
+    status as pipeline_status,
+)
+
+_MODELS = os.environ.get("LOPD_MODELS_DIR", "/models")
+_DATA = os.environ.get("LOPD_DATA_DIR", "/data")
+_SUCCEEDED = "SUCCEEDED"
+
+
+# --------------------------------------------------------------------------- executors
+@run.cli.factory
+@run.autoconvert
+def local() -> run.LocalExecutor:
+    """Run on this machine: one task that runs the selected stages in order."""
+    return run.LocalExecutor(ntasks_per_node=1)
+
+
+@run.cli.factory
+@run.autoconvert
+def slurm() -> run.SlurmExecutor:
+    """One SLURM job per stage. Set account / partition / gpus_per_node / time / container_image
+    with `run.executor.<field>=...` (defaults from LOPD_SLURM_ACCOUNT / LOPD_SLURM_PARTITION)."""
+    return run.SlurmExecutor(
+        account=os.environ.get("LOPD_SLURM_ACCOUNT", ""),
+        partition=os.environ.get("LOPD_SLURM_PARTITION") or None,
+        nodes=1,
+        ntasks_per_node=1,
+        gpus_per_node=8,
+        time="24:00:00",
+        # LocalTunnel: submit from a node of the cluster. job_dir "" = $NEMORUN_HOME/experiments,
+        # which must be the experiment's base dir (or sbatch cannot find the generated script).
+        tunnel=run.LocalTunnel(job_dir=""),
+        packager=run.Packager(),  # the code is installed in the stage's environment: no git archive
+        additional_parameters={"kill_on_invalid_dep": "yes"},  # a failed stage cancels its dependents
+    )
+
+
+# --------------------------------------------------------------------------- the entry point
+@run.cli.entrypoint(type="experiment", namespace="lopd", help="the consistent-teacher Lightning OPD pipeline")
+def lightning_opd(
+    ctx: run.cli.RunContext,
+    work_dir: str = "runs/lightning_opd",
+    teacher: str = "",
+    base_student: str = "",
+    sft_prompts: str = "",
+    opd_prompts: str = "",
+    eval_data: Optional[str] = None,
+    sft_data: GenerateSettings = GenerateSettings(),
+    sft: TrainSettings = TrainSettings(config="sft"),
+    rollouts: GenerateSettings = GenerateSettings(max_tokens=4096),
+    score: ScoreSettings = ScoreSettings(),
+    trainer: TrainSettings = TrainSettings(),
+    eval: EvalSettings = EvalSettings(),
+    envs: StageEnvs = StageEnvs(),
+    stages: str = "all",
+    title: str = "lightning_opd",
+) -> None:
+    """Run the pipeline (or `stages=a,b`) with `run.executor` (none: in this process)."""
+    config = PipelineConfig(
+        work_dir=work_dir, teacher=teacher, base_student=base_student, sft_prompts=sft_prompts, opd_prompts=opd_prompts,
+        eval_data=eval_data, sft_data=sft_data, sft=sft, rollouts=rollouts, score=score, trainer=trainer, eval=eval, envs=envs,
+    )
+    executor = getattr(ctx, "executor", None)
+    try:
+        rc = launch(config, stages, executor, title=title, dryrun=ctx.dryrun, detach=ctx.detach, tail_logs=ctx.tail_logs)
+    except LopdError as exc:
+        print(f"lightning_opd: error: {exc}", file=sys.stderr, flush=True)
+        rc = exc.exit_code
+    sys.stdout.flush()
+    if rc:
+        sys.exit(rc)  # nemo-run's CLI would exit 0: SystemExit passes through it
+
+
+def launch(
+    config: PipelineConfig,
+    stages: str = "all",
+    executor: Optional[run.Executor] = None,
+    *,
+    title: str = "lightning_opd",
+    dryrun: bool = False,
+    detach: bool = False,
+    tail_logs: bool = False,
+) -> int:
+    """Check everything that can be checked before a queue, then run or submit. Returns the exit code."""
+    config = config.absolute()  # jobs start in their own directories
+    all_stages = build_stages(config)
+    selected = select_stages(all_stages, stages)
+    try:
+        pending = check_inputs(all_stages, selected)
+    except LopdError as exc:
+        if not dryrun:
+            raise
+        print(f"[lightning_opd] warning (dry run): {exc}")
+        pending = [s for s in selected if not s.is_done()]
+    todo = {s.name for s in pending}
+    for s in selected:
+        if s.name not in todo:
+            print(f"[lightning_opd] {s.name}: already done, skipped")
+    if not pending:
+        print("[lightning_opd] nothing to do: every selected stage is done")
+        return 0
+    if executor is None:
+        if dryrun:
+            _print_plan(pending)
+            return 0
+        run_local(config, [s.name for s in pending])
+        return 0
+    if isinstance(executor, run.SlurmExecutor):
+        slurm_preflight(executor, pending)
+    config_path = Path(config.work_dir) / CONFIG_NAME
+    if not dryrun:
+        config.save(config_path)
+
+    with run.Experiment(title, executor=executor, log_level="WARN") as exp:
+        if isinstance(executor, run.SlurmExecutor):
+            previous = None
+            for stage in pending:  # one job per stage, each after the previous one succeeded
+                job = exp.add(
+                    run.Script(inline=_job_script(stage, config_path)),
+                    executor=stage_executor(executor, stage),
+                    name=stage.name,
+                    dependencies=[previous] if previous else [],
+                )
+                previous = job
+        else:  # one task; `lopd pipeline run` stops at the first failing stage
+            names = ",".join(s.name for s in pending)
+            exp.add(run.Script(inline=_job_script(pending, config_path)), executor=executor.clone(), name="pipeline")
+            print(f"[lightning_opd] stages {names} as one local task")
+        if dryrun:
+            exp.dryrun(log=True)
+            return 0
+        exp.run(detach=detach, tail_logs=tail_logs)
+    # Leaving the `with` block waits for the jobs (unless detached): only now are the states final.
+    return report(config, pending, exp.status(return_dict=True) or {}, detached=detach)
+
+
+def report(config: PipelineConfig, pending: list[Stage], tasks: dict[str, dict], *, detached: bool) -> int:
+    """Print each task's scheduler state, the failure's error line and log, and whether each
+    stage's output verifies. Returns the exit code: non-zero if any task failed or any output
+    does not verify."""
+    states = {name: str(info["status"]) for name, info in tasks.items()}
+    print("[lightning_opd] task states: " + ", ".join(f"{k}={v}" for k, v in states.items()))
+    if detached:
+        print(f"[lightning_opd] detached: `lopd pipeline status --config {Path(config.work_dir) / CONFIG_NAME}` shows progress")
+        return 0
+    for name, info in tasks.items():
+        if states[name] == _SUCCEEDED:
+            continue
+        logs = sorted(Path(info.get("local_dir", "")).glob("log*.out"))
+        lines = logs[-1].read_text(errors="replace").splitlines() if logs else []
+        errors = [line for line in lines if "error:" in line] or lines[-1:]
+        where = f" (log: {logs[-1]})" if logs else ""
+        print(f"[lightning_opd] {name}: {states[name]}{where}" + (f": {errors[0].strip()}" if errors else ""), file=sys.stderr)
+    verified = {r.name: r for r in pipeline_status(config)}
+    names = [s.name for s in pending]
+    print(format_results([verified[n] for n in names]))
+    failed = [k for k, v in states.items() if v != _SUCCEEDED]
+    unverified = [n for n in names if verified[n].status != "done"]
+    if failed or unverified:
+        print(f"[lightning_opd] FAILED: {len(failed)} task(s) not succeeded, {len(unverified)} stage output(s) missing", file=sys.stderr)
+        return 1
+    print("[lightning_opd] all stages succeeded")
+    return 0
+
+
+def _job_script(stages, config_path: Path) -> str:
+    """The job's command: `lopd pipeline run` of the stage(s), in the stage's environment."""
+    stages = [stages] if isinstance(stages, Stage) else stages
+    env = stages[0].env
+    lopd = ["lopd"] if env.container_image and not (env.venv or env.python) else lopd_command(env)[0]
+    argv = [*lopd, "pipeline", "run", "--config", str(config_path), "--stages", ",".join(s.name for s in stages)]
+    return f"exec {shlex.join(argv)}\n"
+
+
+def stage_executor(base: run.SlurmExecutor, stage: Stage) -> run.SlurmExecutor:
+    """The base executor, resized for the stage (nodes) and put into the stage's container."""
+    ex = base.clone()
+    ex.nodes = stage.nnodes
+    ex.ntasks_per_node = 1  # `lopd pipeline run` per node; it starts torchrun for the ranks
+    if stage.env.container_image:
+        ex.container_image = stage.env.container_image
+    ex.container_mounts = list(ex.container_mounts or []) + list(stage.env.container_mounts)
+    ex.additional_parameters = {**(ex.additional_parameters or {}), "kill_on_invalid_dep": "yes"}
+    ex.packager = run.Packager()
+    return ex
+
+
+# --------------------------------------------------------------------------- pre-queue checks
+def slurm_partitions() -> list[str]:
+    if not shutil.which("sinfo"):
+        raise ConfigError("`sinfo` not found: no SLURM client on this machine", "submit from a SLURM login node, or use run.executor=local")
+    proc = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ConfigError(f"`sinfo` failed: {proc.stderr.strip()}", "check that the SLURM controller is reachable")
+    return sorted(set(proc.stdout.split()))
+
+
+def slurm_preflight(executor: run.SlurmExecutor, stages: list[Stage]) -> None:
+    """Account set, partition exists, and SLURM can schedule every stage's job (`sbatch --test-only`)."""
+    if not executor.account:
+        raise ConfigError("SLURM account is not set", "pass run.executor.account=ACCOUNT (or export LOPD_SLURM_ACCOUNT)")
+    partitions = slurm_partitions()
+    if executor.partition and executor.partition not in partitions:
+        raise ConfigError(
+            f"SLURM partition {executor.partition!r} does not exist (this cluster has: {', '.join(partitions)})",
+            "set run.executor.partition to one of them",
+        )
+    for stage in stages:
+        ex = stage_executor(executor, stage)
+        cmd = ["sbatch", "--test-only", f"--account={ex.account}", f"--nodes={ex.nodes}", f"--ntasks-per-node={ex.ntasks_per_node}", f"--time={ex.time}"]
+        cmd += [f"--partition={ex.partition}"] if ex.partition else []
+        cmd += [f"--gpus-per-node={ex.gpus_per_node}"] if ex.gpus_per_node else []
+        cmd += ["--wrap", "true"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+            raise ConfigError(f"SLURM would never run stage {stage.name} ({' '.join(cmd[2:-2])}): {msg}", "fix run.executor (nodes, gpus_per_node, time, partition)")
+
+
+def _print_plan(stages: list[Stage]) -> None:
+    for stage in stages:
+        for argv in stage.commands():
+            print(f"[lightning_opd] {stage.name}: {shlex.join(argv)}")
+
+
+# --------------------------------------------------------------------------- recipes
+def pipeline_config(recipe: run.Partial) -> PipelineConfig:
+    """The PipelineConfig a recipe (a factory's Partial, after overrides) describes."""
+    import fiddle as fdl
+
+    kwargs = dict(fdl.build(recipe).keywords)
+    for key in ("ctx", "stages", "title"):
+        kwargs.pop(key, None)
+    return PipelineConfig(**kwargs)
+
+
+def write_tiny_inputs(out_dir: str) -> Path:
+    """Inputs for the `tiny` recipe: two random tiny Qwen3 models with one char tokenizer
+    (teacher larger than the student) and small prompt / eval files. Seconds on CPU."""
+    import json
+
+    from megatron_lopd.models.tiny import write_random_hf_model
+    from megatron_lopd.models.tokenizer import build_char_tokenizer
+
+    out = Path(out_dir)
+    tok = build_char_tokenizer()
+    write_random_hf_model(out / "teacher", seed=1, tokenizer=tok, hidden_size=96, num_heads=4, num_kv_heads=4)
+    write_random_hf_model(out / "student", seed=0, tokenizer=tok)
+    rows = {
+        "sft_prompts.jsonl": [{"id": f"s{i}", "prompt": f"Add {i} and {i + 3}."} for i in range(8)],
+        "opd_prompts.jsonl": [{"id": f"o{i}", "prompt": f"What is {i} times 2?"} for i in range(8)],
+        "eval.jsonl": [{"id": f"e{i}", "problem": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(4)],
+    }
+    for name, items in rows.items():
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in items))
+    return out
+
+
+def _paper_pipeline(student: str, teacher: str, work_dir: str, train_nodes: int, **trainer) -> run.Partial:
+    """The paper's hyper-parameters (DESIGN section 1) around a student/teacher pair."""
+    return run.Partial(
+        lightning_opd,
+        work_dir=work_dir,
+        teacher=f"{_MODELS}/{teacher}",
+        base_student=f"{_MODELS}/{student}",
+        sft_prompts=f"{_DATA}/openthoughts3_prompts.jsonl",
+        opd_prompts=f"{_DATA}/dapo_math_17k.jsonl",
+        eval_data=f"{_DATA}/aime24.jsonl",
+        sft_data=run.Config(GenerateSettings, temperature=0.7, top_p=0.9, max_tokens=16384, backend="vllm"),
+        sft=run.Config(TrainSettings, config="sft", lr=8e-5, steps=3000, global_batch_size=256, nproc_per_node=8, nnodes=train_nodes, **trainer),
+        rollouts=run.Config(GenerateSettings, temperature=0.7, top_p=0.9, max_tokens=4096, backend="vllm"),
+        score=run.Config(ScoreSettings, top_k=16, backend="vllm", dtype="bfloat16"),
+        trainer=run.Config(TrainSettings, config="lightning_opd", lr=2e-6, steps=150, global_batch_size=256, nproc_per_node=8, nnodes=train_nodes, **trainer),
+        eval=run.Config(EvalSettings, samples_per_problem=64, max_tokens=32768, temperature=0.6, top_p=0.95, backend="vllm"),
+    )
+
+
+@run.cli.factory(target=lightning_opd)
+def qwen3_8b() -> run.Partial:
+    """Qwen3-8B-Base student, Qwen3-32B teacher; training TP 4 + sequence parallel on 8 GPUs."""
+    return _paper_pipeline("Qwen3-8B-Base", "Qwen3-32B", "runs/qwen3_8b", 1, tensor_parallel=4, sequence_parallel=True)
+
+
+@run.cli.factory(target=lightning_opd)
+def qwen3_4b() -> run.Partial:
+    """Qwen3-4B-Base student, Qwen3-8B teacher; training TP 2 + sequence parallel on 8 GPUs."""
+    return _paper_pipeline("Qwen3-4B-Base", "Qwen3-8B", "runs/qwen3_4b", 1, tensor_parallel=2, sequence_parallel=True)
+
+
+@run.cli.factory(target=lightning_opd)
+def qwen3_30b_a3b() -> run.Partial:
+    """Qwen3-30B-A3B-Base (MoE) student on one 8-GPU node: TP 4 + EP 8 (+ sequence parallel).
+    The teacher defaults to Qwen3-32B; set teacher=DIR for another one."""
+    return _paper_pipeline("Qwen3-30B-A3B-Base", "Qwen3-32B", "runs/qwen3_30b_a3b", 1, tensor_parallel=4, expert_parallel=8, sequence_parallel=True)
+
+
+@run.cli.factory(target=lightning_opd)
+def tiny() -> run.Partial:
+    """Tiny random models on CPU: seconds per stage. Inputs under $LOPD_TINY_INPUTS (teacher/,
+    student/, sft_prompts.jsonl, opd_prompts.jsonl, eval.jsonl)."""
+    inputs = os.environ.get("LOPD_TINY_INPUTS", "runs/tiny_inputs")
+    small = dict(n=1, temperature=1.0, top_p=1.0, max_tokens=24, backend="hf", dtype="float32")
+    cpu_train = dict(config="tiny_cpu", global_batch_size=4, micro_batch_size=1, save_interval=2)
+    return run.Partial(
+        lightning_opd,
+        work_dir="runs/tiny_pipeline",
+        teacher=f"{inputs}/teacher",
+        base_student=f"{inputs}/student",
+        sft_prompts=f"{inputs}/sft_prompts.jsonl",
+        opd_prompts=f"{inputs}/opd_prompts.jsonl",
+        eval_data=f"{inputs}/eval.jsonl",
+        sft_data=run.Config(GenerateSettings, **small),
+        sft=run.Config(TrainSettings, steps=4, overrides={"loss": "sft"}, **cpu_train),
+        rollouts=run.Config(GenerateSettings, **small),
+        score=run.Config(ScoreSettings, top_k=4, backend="hf", dtype="float32"),
+        trainer=run.Config(TrainSettings, steps=4, nproc_per_node=2, **cpu_train),
+        eval=run.Config(EvalSettings, samples_per_problem=1, max_tokens=24, temperature=0.0, backend="hf"),
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`run.cli.main(lightning_opd)` with an exit code: nemo-run's own main drops the code of its
+    argument and parsing errors (it prints them and exits 0)."""
+    import typer
+
+    entry = lightning_opd.cli_entrypoint
+    if not hasattr(entry, "_add_command"):  # another nemo-run version: its own main, exit code from SystemExit
+        run.cli.main(lightning_opd)
+        return 0
+    app = typer.Typer(help=entry.help_str, pretty_exceptions_enable=False)
+    entry._add_command(app, is_main=True)
+    rc = app(args=argv, standalone_mode=False)
+    return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
