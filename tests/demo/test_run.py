@@ -1,0 +1,121 @@
+"""`lopd demo`: the output-directory rules, the CLI's refusals, and a reduced end-to-end run.
+
+The end-to-end test runs every real stage (trainer, generation backends, store, evaluation)
+with `DemoSizes.tiny()`: seconds-long training that learns nothing, so it checks plumbing,
+consistency of the numbers, determinism and resume, not the method's effect.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from megatron_lopd.demo.run import DemoSizes, prepare_out_dir, variant_names
+from megatron_lopd.errors import ConfigError
+
+
+def test_out_dir_rules(tmp_path):
+    sizes = DemoSizes.tiny()
+    fresh = prepare_out_dir(tmp_path / "new", seed=1, sizes=sizes, overwrite=False, resume=False)
+    assert fresh["stages"] == {} and fresh["seed"] == 1
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        prepare_out_dir(tmp_path / "new", seed=1, sizes=sizes, overwrite=False, resume=True)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        prepare_out_dir(tmp_path / "new", seed=1, sizes=sizes, overwrite=True, resume=True)
+
+    existing = tmp_path / "existing"
+    (existing / "work").mkdir(parents=True)
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists") as err:
+        prepare_out_dir(existing, seed=1, sizes=sizes, overwrite=False, resume=False)
+    assert "--overwrite" in str(err.value) and "--resume" in str(err.value)
+    with pytest.raises(ConfigError, match="does not look like a demo"):  # never deletes a stranger's directory
+        prepare_out_dir(existing, seed=1, sizes=sizes, overwrite=True, resume=False)
+    assert (existing / "notes.txt").exists()
+    with pytest.raises(ConfigError, match="not a demo directory"):
+        prepare_out_dir(existing, seed=1, sizes=sizes, overwrite=False, resume=True)
+
+    demo = tmp_path / "demo"
+    (demo / "work").mkdir(parents=True)
+    (demo / "work" / "state.json").write_text(json.dumps({"version": 1, "seed": 1, "sizes": sizes.to_dict(), "stages": {"task": {"seconds": 1.0}}}))
+    assert prepare_out_dir(demo, seed=1, sizes=sizes, overwrite=False, resume=True)["stages"] == {"task": {"seconds": 1.0}}
+    with pytest.raises(ConfigError, match="seed 1, not 2"):
+        prepare_out_dir(demo, seed=2, sizes=sizes, overwrite=False, resume=True)
+    with pytest.raises(ConfigError, match="other demo sizes"):
+        prepare_out_dir(demo, seed=1, sizes=DemoSizes(), overwrite=False, resume=True)
+    assert prepare_out_dir(demo, seed=2, sizes=sizes, overwrite=True, resume=False)["stages"] == {}
+    assert not demo.exists()
+
+
+def test_cli_refuses_an_existing_directory(tmp_path, capsys):
+    from megatron_lopd.cli import main
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "x"), "--overwrite", "--resume"])  # argparse: mutually exclusive
+
+
+@pytest.mark.slow
+def test_tiny_demo_end_to_end_resume_and_determinism(tmp_path):
+    from megatron_lopd.demo.run import run_demo
+
+    sizes = DemoSizes.tiny()
+    lines: list[str] = []
+    out = tmp_path / "demo"
+    summary = run_demo(out, seed=5, sizes=sizes, console=lines.append, progress=False)
+    for name in ("report.md", "summary.json", "curves.png"):
+        assert (out / name).is_file()
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+    # The numbers hang together.
+    names = variant_names(sizes)
+    assert list(summary["variants"]) == names
+    for key, a in summary["accuracy"].items():
+        assert 0.0 <= a["pass1"] <= 1.0 and 0.0 <= a["sampled_pass1"] <= 1.0, key
+        assert len(summary["paired_correct"].get(key, [0] * sizes.eval_problems)) == sizes.eval_problems
+    assert summary["accuracy"]["teacher_a"]["kl_to_teacher_a"] == pytest.approx(0.0, abs=1e-5)  # A against itself
+    for name, v in summary["variants"].items():
+        steps = [p["step"] for p in v["curve"]]
+        assert steps == list(range(0, sizes.opd_steps + 1, sizes.curve_every)), name
+        assert v["curve"][0]["pass1"] == summary["accuracy"]["sft_R"]["pass1"]
+        assert v["curve"][-1]["kl_to_teacher_a"] == summary["accuracy"][name]["kl_to_teacher_a"]
+        assert [m["step"] for m in v["metrics"]] == list(range(1, sizes.opd_steps + 1)), name
+    st = summary["store"]
+    tokens = summary["teacher_forward_tokens"]
+    assert tokens["offline_scoring_teacher_a"] == tokens["offline_scoring_teacher_b"] > st["response_tokens"] > 0
+    assert st["bytes_per_token"] == pytest.approx(st["bytes"] / st["response_tokens"], rel=1e-3)
+    online = summary["variants"]["online"]["online_stats"]
+    assert online["steps"] == sizes.opd_steps and tokens["online:online"] == online["teacher_forward_tokens"] > online["sampled_tokens"]
+    wall = summary["wall_clock_s"]
+    assert wall["total"] == pytest.approx(sum(wall["stages"].values()), abs=0.05)
+    assert "Lightning OPD" in (out / "report.md").read_text()
+    assert any("lightning_topk" in line for line in lines)
+
+    # --resume after a finished demo: every stage is skipped, the numbers stay.
+    lines.clear()
+    again = run_demo(out, seed=5, sizes=sizes, resume=True, console=lines.append, progress=False)
+    assert sum("skipped" in line for line in lines) == len([n for n in summary["wall_clock_s"]["stages"]])
+    assert again["accuracy"] == summary["accuracy"]
+
+    # An interrupted demo: the last stage's record and outputs are gone; --resume redoes only that stage, identically.
+    state_path = out / "work" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["stages"]["continued_sft"]
+    state_path.write_text(json.dumps(state))
+    shutil.rmtree(out / "work" / "variants" / "continued_sft" / "hf")
+    lines.clear()
+    resumed = run_demo(out, seed=5, sizes=sizes, resume=True, console=lines.append, progress=False)
+    reran = [line for line in lines if line.startswith("[") and "skipped" not in line]
+    assert len(reran) == 1 and "continued_sft" in reran[0]
+    assert resumed["accuracy"] == summary["accuracy"]
+
+    # Deterministic for a seed: a second demo from scratch gives the same numbers.
+    other = run_demo(tmp_path / "demo2", seed=5, sizes=sizes, console=lambda _: None, progress=False)
+    assert other["accuracy"] == summary["accuracy"]
+    assert [v["curve"] for v in other["variants"].values()] == [v["curve"] for v in summary["variants"].values()]
