@@ -1,6 +1,6 @@
 """The rollout artifact: sampled responses on disk, one format for SFT data and rollouts.
 
-Layout (documented for users in `generation/README.md`):
+Layout (documented for users in the README, "Rollout artifact format"):
 
     DIR/plan.json                         what is being generated (fixed at the first start)
     DIR/chunks/chunk-000000.safetensors   prompts [0, chunk_size) with all their n samples
