@@ -34,8 +34,11 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# One pytest process per module: slow tests start vLLM engines, megatron process groups and
+# SLURM daemons, and process-wide state left by one module must not leak into the next.
 test-slow: venv
-	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+	@rc=0; for f in $$($(PY) -m pytest -q -m slow --collect-only $(PYTEST_ARGS) 2>/dev/null | grep '::' | cut -d: -f1 | sort -u); do \
+	  echo "== $$f"; $(PY) -m pytest -q -m slow $(PYTEST_ARGS) $$f || rc=1; done; exit $$rc
 
 test-all: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
