@@ -47,6 +47,7 @@ from megatron_lopd.store import (
     finalize_store,
     synthetic_record,
 )
+from megatron_lopd.store.schema import aligned_starts
 
 PROV = StoreProvenance(teacher_fingerprint="model-bench", tokenizer_fingerprint="tok-bench", engine="synthetic")
 
@@ -77,11 +78,12 @@ def _write_worker(path, records, worker, num_workers, start, out):
     out.put(time.perf_counter() - t0)
 
 
-def write_store(path: Path, records, k: int, sps: int, workers: int, chunk_tokens: int) -> float:
+def write_store(path: Path, records, k: int, sps: int, workers: int, chunk_tokens: int, clevel: int) -> float:
     """Wall seconds for ``workers`` processes to write every shard (excludes finalize)."""
     shutil.rmtree(path, ignore_errors=True)
     StoreWriter.create(path, num_sequences=len(records), top_k=k, vocab_size=151936, provenance=PROV,
-                       sequences_per_shard=sps, has_rollout_logprobs=True, chunk_tokens=chunk_tokens)
+                       sequences_per_shard=sps, has_rollout_logprobs=True, chunk_tokens=chunk_tokens,
+                       clevel=clevel)
     ctx = mp.get_context("fork")
     start, out = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_write_worker, args=(path, records, w, workers, start, out)) for w in range(workers)]
@@ -126,6 +128,27 @@ def baseline_bytes(records, k: int, chunk_tokens: int) -> dict[str, int]:
         arrays["topk_logprobs"] = np.concatenate([r.topk_logprobs[:, :k] for r in records])
     return {name: sum(len(codec.encode(np.ascontiguousarray(a[s:s + chunk_tokens]))) + 4
                       for s in range(0, len(a), chunk_tokens)) for name, a in arrays.items()}
+
+
+def topk_entropy_bytes(path: Path, tokens: int) -> dict[str, float]:
+    """Order-0 entropy of the stored top-k symbols, B/token: what an ideal per-symbol coder
+    (no context model) would need for the same encoded arrays, per shard and per rank row."""
+    import zarr
+
+    def bits(values: np.ndarray) -> float:
+        counts = np.unique(values, return_counts=True)[1]
+        return float(-(counts * np.log2(counts / counts.sum())).sum())
+
+    out = {"topk_ids": 0.0, "topk_logprobs": 0.0}
+    for shard in sorted(d for d in (path / "shards").iterdir() if d.is_dir()):
+        group = zarr.open_group(shard, mode="r")
+        lens = group["response_lens"][...].astype(np.int64)
+        chunk = group["topk_ids"].chunks[-1]
+        real = np.concatenate([np.arange(n) + s for n, s in zip(lens, aligned_starts(lens, chunk))]).astype(np.int64)
+        for name in out:
+            stored = group[name][...][:, real]
+            out[name] += sum(bits(row) for row in stored) / 8 / tokens
+    return out
 
 
 class MemmapReference:
@@ -241,6 +264,7 @@ def main() -> int:
     ap.add_argument("--median-len", type=int, default=1500)
     ap.add_argument("--sequences-per-shard", type=int, default=64)
     ap.add_argument("--chunk-tokens", type=int, default=2048)
+    ap.add_argument("--clevel", type=int, default=3, help="Blosc level of the store")
     ap.add_argument("--ks", type=int, nargs="+", default=[0, 16, 64])
     ap.add_argument("--batches", type=int, default=60)
     ap.add_argument("--read-seconds", type=float, default=2.0)
@@ -265,7 +289,7 @@ def main() -> int:
         res: dict = {}
         path = work / f"store_k{k}"
         for workers in (1, 2):
-            seconds = write_store(path, recs, k, args.sequences_per_shard, workers, args.chunk_tokens)
+            seconds = write_store(path, recs, k, args.sequences_per_shard, workers, args.chunk_tokens, args.clevel)
             res[f"write_tokens_per_s_{workers}proc"] = tokens / seconds
         finalize_store(path, verify=False)
         res["bytes_per_token"] = dir_bytes(path) / tokens
@@ -275,6 +299,8 @@ def main() -> int:
         res["baseline_array_bytes_per_token"] = {n: b / tokens for n, b in sorted(base.items())}
         res["baseline_bytes_per_token"] = sum(base.values()) / tokens
         res["data_bytes_per_token"] = sum(arrays.values()) / tokens
+        if k:
+            res["topk_order0_entropy_bytes_per_token"] = topk_entropy_bytes(path, tokens)
 
         store = TeacherStore.open(path, cache_bytes=0)  # random batches of a large store rarely share chunks
         batches = [rng.integers(0, len(store), 32) for _ in range(args.batches)]
@@ -307,6 +333,9 @@ def main() -> int:
         print("   read M tok per CPU-second: " + ", ".join(f"{n} {v:.2f}" for n, v in rc.items()))
         print("   per array B/token:", {n: round(v, 2) for n, v in res["array_bytes_per_token"].items()},
               "baseline:", {n: round(v, 2) for n, v in res["baseline_array_bytes_per_token"].items()})
+        if k:
+            print("   order-0 entropy of the stored top-k symbols, B/token:",
+                  {n: round(v, 2) for n, v in res["topk_order0_entropy_bytes_per_token"].items()})
         store.close()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, default=float) + "\n")

@@ -273,11 +273,17 @@ class ShardedArray:
         return out
 
     def read(self, start: int, stop: int, cache: ChunkCache | None = None, key: tuple = ()) -> np.ndarray:
-        """Positions [start, stop) along the last axis, as a new C-contiguous array."""
+        """Positions [start, stop) along the last axis, as a new array the caller owns.
+
+        Without a cache, a range inside one chunk is a view of that freshly decoded chunk
+        (no copy: a chunk-aligned sequence is read this way); otherwise a C-contiguous copy.
+        """
+        c = self.chunk_len
+        if cache is None and stop > start and start // c == (stop - 1) // c:
+            return self.chunk(start // c)[..., start % c:start % c + stop - start]
         out = np.empty((*self.shape[:-1], stop - start), dtype=self.dtype)
         if stop <= start:
             return out
-        c = self.chunk_len
         for i in range(start // c, (stop - 1) // c + 1):
             chunk = cache.get((*key, i)) if cache is not None else None
             if chunk is None:

@@ -15,8 +15,8 @@ naming both values. `verify_store` reads everything up front.
 
 Reads bypass zarr-python's codec pipeline (see `format.py`): chunks are read with
 ``pread`` and decoded with numcodecs' Blosc, a few microseconds of Python per chunk. A
-small per-process LRU of decoded chunks (``cache_bytes``) serves sequences that share a
-chunk (neighbours, sequential scans). ``load_topk=False`` skips the top-k arrays (most
+small per-process LRU of decoded prompt chunks (``cache_bytes``) serves prompts that
+share a chunk; response-axis chunks hold one sequence each and are not cached. ``load_topk=False`` skips the top-k arrays (most
 of the bytes) for losses that use only the sampled-token log-probs.
 
 DataLoader workers: the store pickles without file descriptors or cache and reopens
@@ -40,6 +40,7 @@ from megatron_lopd.store.format import ChunkCache, ShardedArray, read_small_arra
 from megatron_lopd.store.schema import (
     SEQUENCES_DIR,
     SHARDS_DIR,
+    TOPK_VOCABULARY,
     SequenceRecord,
     StoreMeta,
     StoreProvenance,
@@ -48,7 +49,6 @@ from megatron_lopd.store.schema import (
 )
 from megatron_lopd.store.writer import ShardMarker, StoreWriter, read_meta, shard_name
 
-_TOKEN_ARRAYS = ("prompt_ids", "response_ids", "teacher_logprobs", "rollout_logprobs", "topk_ids", "topk_logprobs")
 
 
 def check_provenance(provenance: StoreProvenance, require: dict[str, Any] | None, where: str) -> None:
@@ -85,6 +85,7 @@ class TeacherStore:
         padded = -(-self._response_lens // meta.chunk_tokens) * meta.chunk_tokens  # chunk-aligned starts
         self._response_start = _starts_within_shards(padded, first)
         self._arrays: dict[int, dict[str, ShardedArray]] = {}
+        self._vocabularies: dict[int, np.ndarray] = {}  # shard -> its top-k vocabulary (schema docstring)
         self._cache = ChunkCache(cache_bytes)
         self._lock = threading.Lock()
         self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a fork does not inherit threads
@@ -128,6 +129,7 @@ class TeacherStore:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_arrays"] = {}
+        state["_vocabularies"] = {}
         state["_cache"] = ChunkCache(self.cache_bytes)
         state["_pool"] = None
         del state["_lock"]
@@ -142,6 +144,7 @@ class TeacherStore:
             for arr in arrays.values():
                 arr.close()
         self._arrays.clear()
+        self._vocabularies.clear()
         self._cache.clear()
         if self._pool is not None and self._pool[0] == os.getpid():
             self._pool[1].shutdown(wait=False)
@@ -212,6 +215,11 @@ class TeacherStore:
                 names += ["topk_ids", "topk_logprobs"]
             base = self.path / SHARDS_DIR / shard_name(shard)
             arrays = {n: ShardedArray(base / n, f"array {n!r} of shard {shard}", self.verify_checksums) for n in names}
+            if self.load_topk:
+                import zarr
+
+                group = zarr.open_group(base, mode="r")
+                self._vocabularies[shard] = read_small_array(group, TOPK_VOCABULARY, f"teacher store {self.path} shard {shard}")
             self._arrays[shard] = arrays
         return arrays
 
@@ -227,21 +235,27 @@ class TeacherStore:
         p0, p1 = int(self._prompt_start[index]), int(self._prompt_start[index] + self._prompt_lens[index])
         r0, r1 = int(self._response_start[index]), int(self._response_start[index] + self._response_lens[index])
 
-        def read(name: str, start: int, stop: int) -> np.ndarray:
-            return arrays[name].read(start, stop, self._cache, (shard, _TOKEN_ARRAYS.index(name)))
+        def read(name: str) -> np.ndarray:
+            # Uncached: a response-axis chunk holds one sequence (chunk-aligned starts), so a
+            # cache would only add a copy; prompt chunks are shared and go through it below.
+            return arrays[name].read(r0, r1)
 
-        response, teacher = read("response_ids", r0, r1), read("teacher_logprobs", r0, r1)
+        response, teacher = read("response_ids"), read("teacher_logprobs")
         topk_ids = topk_lp = None
         if self.load_topk:
-            topk_ids, topk_lp = decode_topk_inplace(response, teacher, read("topk_ids", r0, r1),
-                                                    read("topk_logprobs", r0, r1))
+            try:
+                topk_ids, topk_lp = decode_topk_inplace(response, teacher, read("topk_ids"), read("topk_logprobs"),
+                                                        self._vocabularies[shard])
+            except IndexError as exc:
+                raise ArtifactError(f"teacher store {self.path}: array 'topk_ids' of shard {shard} indexes past its "
+                                    f"{TOPK_VOCABULARY} ({exc})", "rescore this shard and finalize again") from exc
         return SequenceRecord(
-            prompt_ids=read("prompt_ids", p0, p1),
+            prompt_ids=arrays["prompt_ids"].read(p0, p1, self._cache, (shard,)),
             response_ids=response,
             teacher_logprobs=teacher,
             topk_ids=topk_ids,
             topk_logprobs=topk_lp,
-            rollout_logprobs=read("rollout_logprobs", r0, r1) if self.has_rollout_logprobs else None,
+            rollout_logprobs=read("rollout_logprobs") if self.has_rollout_logprobs else None,
             prompt_id=str(self._prompt_id[index]),
             sample_index=int(self._sample_index[index]),
             index=index,

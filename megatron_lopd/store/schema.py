@@ -21,7 +21,7 @@ content_hash         str (16 hex)         blake2b-64 of (prompt ids, response id
 ``k = 0`` stores the sampled-token log-prob only (what the paper stores); then
 ``topk_ids``/``topk_logprobs`` are None. All log-probs are at temperature 1.
 
-Layout on disk (schema version 1)::
+Layout on disk (schema version 2)::
 
     STORE/zarr.json                  root group; attributes["lopd_teacher_store"] = StoreMeta
     STORE/shards/NNNNNN/             one zarr group per store shard (a contiguous range of
@@ -30,7 +30,9 @@ Layout on disk (schema version 1)::
         response_ids      int32 (R_s,)     all responses, each starting on a chunk boundary
         teacher_logprobs  float32 (R_s,)
         rollout_logprobs  float32 (R_s,)   only if has_rollout_logprobs
-        topk_ids          int32 (k, R_s)   rank-major; row 0 stored as topk_ids[:, 0] - response_ids
+        topk_ids          int32 (k, R_s)   rank-major; row 0 stored as topk_ids[:, 0] - response_ids,
+                                           rows 1..k-1 as indices into topk_vocabulary
+        topk_vocabulary   int32 (V_s,)     distinct ids of ranks 2..k in the shard, most frequent first
         topk_logprobs     uint16 (k, R_s)  rank-major float16 bit patterns of -logprob,
                                            delta-coded along the rank axis; row 0 stored
                                            minus the code of -teacher_logprobs
@@ -57,15 +59,24 @@ padding decoded); it hardly changes the size (50.5 / 50.1 / 49.7 B/token at 1024
 compresses 3x slower, and the writer runs inline in the scoring process.
 
 Encodings (why): top-k ids are stored rank-major so row 0 (mostly the sampled token)
-becomes a near-zero residual against ``response_ids``. Top-k log-probs are kept exactly at
+becomes a near-zero residual against ``response_ids``. The other ranks are spread over
+the vocabulary; what makes them compressible is that a few thousand tokens dominate
+them, but Blosc-zstd codes each byte plane separately, so an id's low byte is nearly
+incompressible unless the frequent ids are small numbers. The per-shard vocabulary makes
+them small whatever order the tokenizer gives its ids: rank-2..k ids become their index
+in the shard's own frequency order (building it is one ``bincount``, reading it one
+``take``). Top-k log-probs are kept exactly at
 float16 precision (max probability error 1.8e-4): the float16 bit pattern of ``-logprob``
 is a non-negative float, whose bit patterns are ordered like the values, so the
 descending log-probs become ascending uint16 codes whose rank-to-rank differences are small
 and compress better than the raw halves; row 0 is stored against the code of the sampled
 token's own log-prob (zero wherever the sampled token is the teacher's top-1). Decoding is
 one subtraction, a running sum over the k rows (vectorised over positions) and one sign
-bit, so it costs little when reading. Measured on the benchmark data at k = 16: ids 24.6
--> 23.7 B/token, log-probs 21.1 -> 16.7 B/token against plain Blosc-zstd.
+bit, so it costs little when reading. Measured with benchmarks/bench_store.py at k = 16
+against plain Blosc-zstd: ids 24.6 -> 23.2 B/token (22.3 + 0.8 for the vocabulary) when the
+tokenizer's ids follow token frequency, 34.0 -> 23.4 when they do not (``--permute-ids``);
+log-probs 21.2 -> 17.0. The order-0 entropy of the encoded symbols is 19.1 (ids) and 15.2
+(log-probs) B/token: what is left over is Blosc-zstd coding byte planes separately.
 """
 
 from __future__ import annotations
@@ -79,7 +90,7 @@ import numpy as np
 
 from megatron_lopd.errors import ArtifactError, ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: top-k ids of ranks 2..k through a per-shard vocabulary
 ROOT_ATTR = "lopd_teacher_store"
 SHARDS_DIR = "shards"
 MARKERS_DIR = "markers"
@@ -89,6 +100,7 @@ SEQUENCES_DIR = "sequences"
 PROMPT_ARRAYS = {"prompt_ids": "int32"}
 RESPONSE_ARRAYS = {"response_ids": "int32", "teacher_logprobs": "float32", "rollout_logprobs": "float32"}
 TOPK_ARRAYS = {"topk_ids": "int32", "topk_logprobs": "uint16"}
+TOPK_VOCABULARY = "topk_vocabulary"  # per shard, int32: the ids that rows 1..k-1 of topk_ids index
 # Per-sequence arrays (one entry per sequence), in each shard and, after finalize, store-wide.
 SEQUENCE_ARRAYS = {
     "prompt_lens": "int32",
@@ -98,7 +110,8 @@ SEQUENCE_ARRAYS = {
     "prompt_id": "str",
 }
 ENCODINGS = {
-    "topk_ids": "rank-major (k, R); row 0 stored as topk_ids[:, 0] - response_ids",
+    "topk_ids": "rank-major (k, R); row 0 stored as topk_ids[:, 0] - response_ids; rows 1..k-1 as indices into "
+                "the shard's topk_vocabulary (its distinct ids, most frequent first)",
     "topk_logprobs": "rank-major (k, R) uint16: float16 bit patterns of -logprob, delta-coded along rank; "
                      "row 0 minus the float16 bit pattern of -teacher_logprobs",
 }
@@ -433,23 +446,40 @@ def _neg_half_code(logprobs: np.ndarray) -> np.ndarray:
 
 
 def encode_topk(response_ids: np.ndarray, teacher_logprobs: np.ndarray, topk_ids: np.ndarray,
-                topk_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(R, k) ids and float16 log-probs -> rank-major stored (int32 ids, uint16 codes)."""
+                topk_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(R, k) ids and float16 log-probs -> rank-major stored (int32 ids, uint16 codes, int32 vocabulary).
+
+    The vocabulary lists the distinct ids of ranks 2..k, most frequent first (ties: smaller
+    id first); those rows store each id's index in it.
+    """
     ids = np.ascontiguousarray(topk_ids.T, dtype=np.int32)
     codes = np.ascontiguousarray(_neg_half_code(topk_logprobs).T)
+    vocabulary = np.empty(0, dtype=np.int32)
     if ids.size:
         ids[0] -= response_ids
+        if len(ids) > 1:
+            counts = np.bincount(ids[1:].ravel())  # O(n + vocab): much cheaper than np.unique
+            vocabulary = np.argsort(-counts, kind="stable")[:np.count_nonzero(counts)].astype(np.int32)
+            index = np.empty(len(counts), dtype=np.int32)
+            index[vocabulary] = np.arange(len(vocabulary), dtype=np.int32)
+            ids[1:] = index[ids[1:]]
         if len(codes) > 1:
             codes[1:] = np.diff(codes, axis=0)  # >= 0: sorted log-probs give ascending codes
         codes[0] -= _neg_half_code(teacher_logprobs)  # uint16 wrap-around is undone on decode
-    return ids, codes
+    return ids, codes, vocabulary
 
 
 def decode_topk_inplace(response_ids: np.ndarray, teacher_logprobs: np.ndarray, ids: np.ndarray,
-                        codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of `encode_topk` on rank-major (k, R) buffers; returns (R, k) views."""
+                        codes: np.ndarray, vocabulary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `encode_topk` on rank-major (k, R) buffers; returns (R, k) views.
+
+    An index outside ``vocabulary`` raises IndexError (a store that passed its checksums
+    cannot hold one unless it was written by other code; callers name the shard).
+    """
     if ids.size:
         ids[0] += response_ids
+        if len(ids) > 1:
+            np.take(vocabulary, ids[1:], out=ids[1:])
         codes[0] += _neg_half_code(teacher_logprobs)
     for j in range(1, len(codes)):
         np.add(codes[j], codes[j - 1], out=codes[j])

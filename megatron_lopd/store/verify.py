@@ -28,6 +28,7 @@ from megatron_lopd.store.format import ShardedArray, read_small_array
 from megatron_lopd.store.schema import (
     SEQUENCES_DIR,
     SHARDS_DIR,
+    TOPK_VOCABULARY,
     aligned_starts,
     content_hash,
     decode_topk_inplace,
@@ -164,8 +165,12 @@ def _verify_shard(path: Path, writer: StoreWriter, s: int, report: VerifyReport)
         if name in data and not (np.isfinite(data[name]).all() and (data[name] <= 0).all()):
             raise LopdError(f"array {name!r} holds non-finite or positive log-probs")
     if meta.top_k:
+        vocabulary = read_small_array(group, TOPK_VOCABULARY, f"shard {s}")
+        codes = data["topk_ids"][1:]
+        if codes.size and (codes.min() < 0 or codes.max() >= len(vocabulary)):
+            raise LopdError(f"array 'topk_ids' indexes past the {len(vocabulary)} entries of {TOPK_VOCABULARY!r}")
         ids, lp = decode_topk_inplace(data["response_ids"], data["teacher_logprobs"], data["topk_ids"],
-                                      data["topk_logprobs"])
+                                      data["topk_logprobs"], vocabulary)
         if ids.size and (ids.min() < 0 or ids.max() >= meta.vocab_size):
             raise LopdError("array 'topk_ids' holds ids outside the vocabulary")
         if not np.isfinite(lp).all():

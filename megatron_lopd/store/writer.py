@@ -53,6 +53,7 @@ from megatron_lopd.store.schema import (
     ROOT_ATTR,
     SEQUENCES_DIR,
     SHARDS_DIR,
+    TOPK_VOCABULARY,
     RecordError,
     SequenceRecord,
     StoreMeta,
@@ -361,8 +362,9 @@ class StoreWriter:
         if m.has_rollout_logprobs:
             write_token_array(group, "rollout_logprobs", aligned(cat("rollout_logprobs", np.float32)), **token_kw)
         if m.top_k:
-            ids, codes = encode_topk(response, teacher, np.concatenate([r.topk_ids for r in recs]),
-                                     np.concatenate([r.topk_logprobs for r in recs]))
+            ids, codes, vocabulary = encode_topk(response, teacher, np.concatenate([r.topk_ids for r in recs]),
+                                                 np.concatenate([r.topk_logprobs for r in recs]))
+            write_small_array(group, TOPK_VOCABULARY, vocabulary, clevel=m.clevel)
             write_token_array(group, "topk_ids", aligned(ids), attributes={"encoding": ENCODINGS["topk_ids"]},
                               **token_kw)
             write_token_array(group, "topk_logprobs", aligned(codes),

@@ -81,7 +81,7 @@ def test_zarr_python_reads_the_same_stored_arrays(small_store):
         starts = aligned_starts(lens, chunk)
         group = zarr.open_group(path / "shards" / f"{shard:06d}", mode="r")
         assert np.array_equal(group["prompt_ids"][...], np.concatenate([r.prompt_ids for r in recs]))
-        ids, codes = encode_topk(np.concatenate([r.response_ids for r in recs]),
+        ids, codes, vocabulary = encode_topk(np.concatenate([r.response_ids for r in recs]),
                                  np.concatenate([r.teacher_logprobs for r in recs]),
                                  np.concatenate([r.topk_ids for r in recs]),
                                  np.concatenate([r.topk_logprobs for r in recs]))
@@ -94,6 +94,7 @@ def test_zarr_python_reads_the_same_stored_arrays(small_store):
             assert np.array_equal(stored["topk_ids"][:, start:start + n], ids[:, offset:offset + n])
             assert np.array_equal(stored["topk_logprobs"][:, start:start + n], codes[:, offset:offset + n])
             offset += n
+        assert np.array_equal(group["topk_vocabulary"][...], vocabulary)
         assert group["content_hash"][...].tolist() == [int(r.content_hash, 16) for r in recs]
         assert group["prompt_id"][...].tolist() == [r.prompt_id for r in recs]
 

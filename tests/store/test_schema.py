@@ -98,15 +98,26 @@ def test_topk_encoding_roundtrips_bitwise_including_edge_values():
     resp = rng.integers(0, 150_000, r).astype(np.int32)
     teacher = lp[:, 0].astype(np.float32)  # the sampled token is the top-1 ...
     teacher[::3] = -rng.exponential(5.0, len(teacher[::3]))  # ... or anything else
-    enc_ids, codes = encode_topk(resp, teacher, ids, lp16)
+    ids[::2, 2] = 149_999  # the most frequent id of ranks 2..k, then 5 (ties: the smaller id first)
+    ids[1::4, 3] = 5
+    ids[3::4, 1] = 4
+    enc_ids, codes, vocabulary = encode_topk(resp, teacher, ids, lp16)
     assert enc_ids.shape == (k, r) and codes.dtype == np.uint16 and codes.shape == (k, r)
     assert (codes[0, 1::3] == 0).mean() > 0.9 and (enc_ids[0] == ids[:, 0] - resp).all()
-    dec_ids, dec_lp = decode_topk_inplace(resp, teacher, enc_ids.copy(), codes.copy())
+    assert vocabulary.dtype == np.int32 and sorted(vocabulary) == sorted(set(ids[:, 1:].ravel()))
+    assert vocabulary[:3].tolist() == [149_999, 4, 5] and (enc_ids[2, ::2] == 0).all()
+    assert (vocabulary[enc_ids[1:]] == ids[:, 1:].T).all()
+    dec_ids, dec_lp = decode_topk_inplace(resp, teacher, enc_ids.copy(), codes.copy(), vocabulary)
     assert np.array_equal(dec_ids, ids)
     # Bitwise, except that +0.0 and -0.0 both come back as -0.0 (equal as numbers).
     assert np.array_equal(dec_lp.astype(np.float32), lp16.astype(np.float32))
     nonzero = lp16 != 0
     assert np.array_equal(dec_lp.view(np.uint16)[nonzero], lp16.view(np.uint16)[nonzero])
+    # k = 1 (no ranks 2..k) and an empty shard: an empty vocabulary.
+    for rows in (r, 0):
+        one_ids, one_codes, empty = encode_topk(resp[:rows], teacher[:rows], ids[:rows, :1], lp16[:rows, :1])
+        assert empty.shape == (0,)
+        assert np.array_equal(decode_topk_inplace(resp[:rows], teacher[:rows], one_ids, one_codes, empty)[0], ids[:rows, :1])
 
 
 def test_content_hash_covers_the_prompt_response_split():

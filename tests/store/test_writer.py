@@ -16,7 +16,7 @@ import pytest
 
 from megatron_lopd.errors import ArtifactError, ConfigError
 from megatron_lopd.store import RecordError, StoreWriter, TeacherStore, finalize_store, synthetic_records, verify_store
-from megatron_lopd.store.schema import ROOT_ATTR
+from megatron_lopd.store.schema import ROOT_ATTR, SCHEMA_VERSION
 
 from .conftest import PROV, VOCAB, child_env, make_store, spec
 
@@ -44,7 +44,7 @@ def test_create_is_idempotent_and_rejects_different_parameters(tmp_path):
     w3 = _create(path, top_k=8, overwrite=True)
     assert w3.meta.top_k == 8
     attrs = json.loads((path / "zarr.json").read_text())["attributes"][ROOT_ATTR]
-    assert attrs["complete"] is False and attrs["top_k"] == 8 and attrs["schema_version"] == 1
+    assert attrs["complete"] is False and attrs["top_k"] == 8 and attrs["schema_version"] == SCHEMA_VERSION == 2
 
 
 def test_create_rejects_bad_parameters_and_foreign_directories(tmp_path):
