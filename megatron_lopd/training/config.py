@@ -28,6 +28,7 @@ from typing import Any, Callable
 from megatron_lopd.errors import ConfigError
 
 LOSSES = ("lightning_opd", "topk_reverse_kl", "topk_forward_kl", "sft")
+LOSS_REDUCTIONS = ("sequence_mean", "token_mean")  # = training.losses.REDUCTIONS (a test checks)
 PRECISIONS = ("auto", "fp32", "bf16")
 FP8_RECIPES = ("", "delayed", "current")
 RECOMPUTE = ("", "full", "selective")
@@ -146,6 +147,8 @@ class TeacherConsistencyConfig:
 class TrainConfig:
     run_dir: str = "runs/train"
     loss: str = "lightning_opd"
+    loss_reduction: str = "sequence_mean"  # the paper's; or "token_mean" (losses.py)
+    advantage_clip: float = 0.0  # lightning_opd only: clip A to [-c, c]; 0 = no clip (paper-faithful)
     train_steps: int = 150
     epochs: float = 0.0  # > 0: train_steps = ceil(epochs * len(data) / global_batch)
     seed: int = 1234  # model-parallel RNG seed
@@ -163,6 +166,7 @@ class TrainConfig:
         """Checks that need no model or world size (those come at start, before compute)."""
         choices = (
             ("loss", self.loss, LOSSES),
+            ("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS),
             ("model.precision", self.model.precision, PRECISIONS),
             ("model.fp8", self.model.fp8, FP8_RECIPES),
             ("model.recompute", self.model.recompute, RECOMPUTE),
@@ -184,6 +188,9 @@ class TrainConfig:
         for key, value in positive:
             if not value > 0:
                 raise ConfigError(f"{key}={value} must be positive", f"set {key} to a positive value")
+        if self.advantage_clip < 0 or (self.advantage_clip and self.loss != "lightning_opd"):
+            raise ConfigError(f"advantage_clip={self.advantage_clip} with loss {self.loss!r}",
+                              "advantage_clip is a positive clip for loss=lightning_opd only (0 = no clip)")
         if self.train_steps <= 0 and self.epochs <= 0:
             raise ConfigError("train_steps and epochs are both 0", "set train_steps=N or epochs=E")
         if not (0 <= self.optimizer.adam_beta1 < 1 and 0 <= self.optimizer.adam_beta2 < 1):

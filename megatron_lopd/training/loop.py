@@ -585,7 +585,8 @@ class Trainer:
             else:
                 attention_mask = block_causal_mask(mb.seq_ids)
         logits = model(mb.input_ids, mb.position_ids, attention_mask, packed_seq_params=packed)
-        options = LossOptions(vocab_size=self.start.qwen3.vocab_size)
+        options = LossOptions(advantage_clip=self.config.advantage_clip or None, reduction=self.config.loss_reduction,
+                              vocab_size=self.start.qwen3.vocab_size)
         zero_tokens = torch.zeros([], dtype=torch.int, device=self.device)
 
         def loss_func(output):

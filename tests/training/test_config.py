@@ -79,6 +79,9 @@ def test_override_errors(override, message):
         (["parallel.sequence_parallel=true"], "sequence_parallel needs tensor_parallel > 1"),
         (["train_steps=0"], "train_steps and epochs are both 0"),
         (["schedule.warmup_fraction=1.0"], "warmup_fraction"),
+        (["loss_reduction=batch_mean"], "loss_reduction='batch_mean' is not one of"),
+        (["advantage_clip=-1"], "advantage_clip=-1.0 with loss 'lightning_opd'"),
+        (["loss=topk_reverse_kl", "advantage_clip=1"], "for loss=lightning_opd only"),
     ],
 )
 def test_validation_errors(overrides, message):
@@ -113,3 +116,12 @@ def test_config_file_errors(tmp_path):
         resolve_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="unknown config 'paper'.*lightning_opd"):
         resolve_config("paper")
+
+
+def test_loss_options_come_from_the_config():
+    from megatron_lopd.training.config import LOSS_REDUCTIONS
+    from megatron_lopd.training.losses import REDUCTIONS
+
+    assert LOSS_REDUCTIONS == REDUCTIONS
+    config = apply_overrides(lightning_opd_defaults(), REQUIRED + ["advantage_clip=2", "loss_reduction=token_mean"])
+    assert config.validate().advantage_clip == 2.0 and config.loss_reduction == "token_mean"
