@@ -197,7 +197,9 @@ class StoreWriter:
         )
         if overwrite and path.exists():
             shutil.rmtree(path)
-        if path.exists() and not (path / "zarr.json").exists() and any(path.iterdir()):
+        # Another creator's root temp file may be there for a moment (concurrent writers race to create).
+        if path.exists() and not (path / "zarr.json").exists() and any(
+                not p.name.startswith(".zarr.json.") for p in path.iterdir()):
             raise ArtifactError(f"{path}: exists and is not a teacher store",
                                 "choose an empty or new directory, or pass overwrite=True")
         path.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,11 @@ def test_create_rejects_bad_parameters_and_foreign_directories(tmp_path):
         _create(other)
     with pytest.raises(ArtifactError, match="not a teacher store"):
         StoreWriter.open(other)
+    # A concurrent creator's root temp file (the moment before it publishes zarr.json) is not foreign.
+    racing = tmp_path / "racing"
+    racing.mkdir()
+    (racing / ".zarr.json.4242.0badc0de.tmp").write_text("{}")
+    assert _create(racing).meta.top_k == 4
 
 
 def test_shard_ranges_and_worker_assignment(tmp_path):
