@@ -396,39 +396,6 @@ def verify_sft(path: Path) -> str:
     return f"{detail}, export {actual}"
 
 
-def write_hf_manifest(hf_dir: Path, run_dir: Path) -> None:
-    """Provenance of an HF export made by `lopd convert to-hf` from a run's latest checkpoint."""
-    from megatron_lopd.provenance import Manifest, model_fingerprint, tokenizer_fingerprint
-
-    run = Manifest.read(run_dir, kind="run")
-    Manifest(
-        kind="hf_export",
-        fingerprint=model_fingerprint(hf_dir),
-        producer={"tool": "lopd convert to-hf", "tokenizer": tokenizer_fingerprint(hf_dir)},
-        inputs={"checkpoint": str(_latest_checkpoint(run_dir)), "run": str(run_dir), "run_inputs": run.inputs},
-        params={"final_step": run.extra.get("final_step")},
-    ).write(hf_dir)
-
-
-def _latest_checkpoint(run_dir: Path) -> Path:
-    """`<run>/checkpoints/<name in the latest marker>` (the trainer's layout; no torch import)."""
-    root = run_dir / "checkpoints"
-    try:
-        return root / (root / "latest").read_text().strip()
-    except OSError:
-        return root / "latest"
-
-
-@dataclass(frozen=True)
-class LatestCheckpoint:
-    """A command argument resolved when the command runs: the run's newest checkpoint."""
-
-    run_dir: Path
-
-    def __str__(self) -> str:
-        return str(_latest_checkpoint(self.run_dir))
-
-
 def verify_eval(path: Path) -> str:
     from megatron_lopd.evaluation.evaluate import read_results
 
@@ -504,7 +471,7 @@ class Step:
     """One `lopd` invocation. `nproc_per_node > 1` or `nnodes > 1`: launched with torchrun.
     `shards > 1`: run once per shard with `--shard i/N` appended."""
 
-    args: tuple[Any, ...]  # str() of each is the argument (LatestCheckpoint resolves late)
+    args: tuple[Any, ...]  # str() of each is the argument
     nproc_per_node: int = 1
     nnodes: int = 1
     shards: int = 1
@@ -525,8 +492,6 @@ class Stage:
     producers: dict[str, str] = field(default_factory=dict)
     # True: a partial output cannot be resumed and is deleted before the stage runs
     fresh_output: bool = False
-    # run after the commands succeeded, before the output is verified (e.g. write a manifest)
-    after: Optional[Callable[[], None]] = None
     # checks of the inputs that already exist, before the stage is run or queued (consistency)
     precheck: Optional[Callable[[], None]] = None
 
@@ -680,12 +645,12 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         "export",
         inputs={"opd_run": p.opd_run},
         outputs={"student_model": p.student_model},
-        steps=(Step(("convert", "to-hf", "--checkpoint", LatestCheckpoint(p.opd_run), "--out", str(p.student_model))),),
+        # A run directory: the newest checkpoint is exported, with the run's provenance.
+        steps=(Step(("convert", "to-hf", "--checkpoint", str(p.opd_run), "--out", str(p.student_model))),),
         verify=verify_hf_export,
         env=config.env_for("export"),
         producers={"opd_run": "train"},
         fresh_output=True,
-        after=lambda: write_hf_manifest(p.student_model, p.opd_run),
     )
     stages = [sft_data, sft, rollouts, score, train, export]
     if config.eval_data:
@@ -871,8 +836,6 @@ def run_stage(stage: Stage, log_dir: Path | None = None, echo: Callable[[str], N
     if node_rank != 0:
         return StageResult(stage.name, "done", "non-zero node rank", time.monotonic() - t0)
     try:
-        if stage.after is not None:
-            stage.after()
         detail = stage.check()
     except LopdError as exc:
         raise StageFailed(f"stage {stage.name} finished but its output does not verify: {exc.what}", exc.fix) from None

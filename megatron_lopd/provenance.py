@@ -216,6 +216,18 @@ class Manifest:
         return m
 
 
+def write_hf_manifest(hf_dir: str | Path, run_dir: str | Path, checkpoint: str | Path) -> Path:
+    """Provenance of an HF export of ``checkpoint``, a checkpoint of the training run ``run_dir``."""
+    run = Manifest.read(run_dir, kind="run")
+    return Manifest(
+        kind="hf_export",
+        fingerprint=model_fingerprint(hf_dir),
+        producer={"tool": "lopd convert to-hf", "tokenizer": tokenizer_fingerprint(hf_dir)},
+        inputs={"checkpoint": str(checkpoint), "run": str(run_dir), "run_inputs": run.inputs},
+        params={"final_step": run.extra.get("final_step")},
+    ).write(hf_dir)
+
+
 # ---------------------------------------------------------------------------------------
 # Consistency checks. Each raises ConsistencyError naming both sides, unless opted out.
 

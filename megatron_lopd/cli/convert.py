@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -27,7 +28,9 @@ def register(subparsers) -> None:
         "to-hf", help="Megatron checkpoint -> HF model dir",
         description="Write a Megatron checkpoint (any TP/PP/EP, read from the checkpoint) as a Hugging Face dir.",
     )
-    to_hf.add_argument("--checkpoint", required=True, help="Megatron checkpoint directory")
+    to_hf.add_argument("--checkpoint", required=True,
+                       help="Megatron checkpoint directory, or a training run directory (its newest checkpoint, and "
+                            "the export gets a manifest.json with the run's provenance)")
     to_hf.add_argument("--out", required=True, help="new HF model directory (must not exist or be empty)")
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     to_hf.set_defaults(handler=_to_hf)
@@ -44,8 +47,16 @@ def _from_hf(args: argparse.Namespace) -> int:
 
 def _to_hf(args: argparse.Namespace) -> int:
     from megatron_lopd.models.checkpoint import convert_to_hf
+    from megatron_lopd.provenance import MANIFEST_NAME, write_hf_manifest
+    from megatron_lopd.training.checkpointing import find_latest
 
     start = time.perf_counter()
-    out = convert_to_hf(args.checkpoint, args.out, max_shard_size=args.max_shard_size)
-    print(f"wrote Hugging Face model {out} in {time.perf_counter() - start:.1f} s")
+    run_dir = Path(args.checkpoint)
+    checkpoint = find_latest(run_dir / "checkpoints")  # the trainer's layout: RUN/checkpoints/latest
+    if checkpoint is None:
+        run_dir, checkpoint = None, find_latest(args.checkpoint) or Path(args.checkpoint)
+    out = convert_to_hf(checkpoint, args.out, max_shard_size=args.max_shard_size)
+    if run_dir is not None and (run_dir / MANIFEST_NAME).is_file():
+        write_hf_manifest(out, run_dir, checkpoint)
+    print(f"wrote Hugging Face model {out} from {checkpoint} in {time.perf_counter() - start:.1f} s")
     return 0

@@ -525,8 +525,6 @@ class Demo:
                 rc = lopd_main(args)
                 if rc:
                     raise StageFailed(f"demo stage {name}: `lopd {' '.join(args[:1])}` exited with {rc}", "see the error above; rerun with --resume")
-            if stage.after is not None:
-                stage.after()
             detail = stage.check()
         return {"seconds_stage": time.perf_counter() - t0, "detail": detail, "outputs": {k: str(v) for k, v in stage.outputs.items()}}
 

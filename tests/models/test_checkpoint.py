@@ -94,6 +94,30 @@ def test_moe_tied_round_trip_is_exact(tmp_path, char_tokenizer, tp, ep):
     assert all(torch.equal(exported[k], v) for k, v in original.items())
 
 
+def test_to_hf_from_a_run_directory_exports_its_newest_checkpoint_with_provenance(tiny_hf_dir, tmp_path, capsys):
+    """`lopd convert to-hf --checkpoint RUN`: the step named by RUN/checkpoints/latest, and a manifest."""
+    from megatron_lopd.cli import main
+    from megatron_lopd.provenance import Manifest, model_fingerprint
+
+    run = tmp_path / "run"
+    convert_from_hf(tiny_hf_dir, run / "checkpoints" / "step_0000007")
+    (run / "checkpoints" / "latest").write_text("step_0000007\n")
+    Manifest(kind="run", inputs={"store": "fp-store"}, extra={"final_step": 7}).write(run)
+    assert main(["convert", "to-hf", "--checkpoint", str(run), "--out", str(tmp_path / "a")]) == 0
+    exported = _tensors(tmp_path / "a")
+    assert exported.keys() == _tensors(tiny_hf_dir).keys()
+    assert all(torch.equal(exported[k], v) for k, v in _tensors(tiny_hf_dir).items())
+    m = Manifest.read(tmp_path / "a", kind="hf_export")
+    assert m.fingerprint == model_fingerprint(tmp_path / "a") and m.params == {"final_step": 7}
+    assert m.inputs["checkpoint"] == str(run / "checkpoints" / "step_0000007") and m.inputs["run_inputs"] == {"store": "fp-store"}
+    # The checkpoints/ directory itself resolves the same way (no run manifest to copy from).
+    assert main(["convert", "to-hf", "--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "b")]) == 0
+    assert _tensors(tmp_path / "b").keys() == exported.keys() and not (tmp_path / "b" / "manifest.json").exists()
+    (run / "checkpoints" / "latest").write_text("step_0000009\n")
+    assert main(["convert", "to-hf", "--checkpoint", str(run), "--out", str(tmp_path / "c")]) != 0
+    assert "names step_0000009, which is missing" in capsys.readouterr().err
+
+
 def test_export_loads_in_transformers(tiny_hf_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

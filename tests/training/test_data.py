@@ -59,7 +59,7 @@ def check_alignment(mb, seqs_by_index):
     assert len(mb.sequence_indices) == len(unpack(mb))
     for sid, (b, pos) in unpack(mb).items():
         seq = seqs_by_index[mb.sequence_indices[sid]]
-        P, R = len(seq.prompt_ids), len(seq.response_ids)
+        P = len(seq.prompt_ids)
         full = np.concatenate([seq.prompt_ids, seq.response_ids]).astype(np.int64)
         assert torch.equal(pos, torch.arange(pos[0], pos[0] + len(full) - 1))  # contiguous, whole
         assert mb.input_ids[b, pos].tolist() == full[:-1].tolist()
