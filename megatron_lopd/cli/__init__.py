@@ -17,6 +17,15 @@ from megatron_lopd.errors import LopdError
 _COMMANDS = ("convert", "store", "generate", "score", "train", "eval", "pipeline", "demo")
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser, role: str) -> None:
+    """The inference-engine options `generate`, `score` and `eval` share; ``role`` names the model in the help."""
+    parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm", help=f"{role} engine (default vllm)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help=f"{role} dtype (default float32; use bfloat16 on GPUs)")
+    parser.add_argument("--tensor-parallel", type=int, default=1, help="vLLM tensor parallel size (GPUs per worker)")
+    parser.add_argument("--max-model-len", type=int, default=None, help=f"context length (default: the {role}'s)")
+
+
 def versions() -> dict[str, str]:
     """Versions of the components that matter for a bug report."""
     from importlib import metadata

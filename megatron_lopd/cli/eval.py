@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_lopd.cli import add_engine_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -26,10 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--tensor-parallel", type=int, default=1)
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    add_engine_arguments(p, "model")
     p.add_argument("--grader", choices=("math", "exact", "regex"), default="math")
     p.add_argument("--answer-pattern", help="regex grader: a pattern whose first group is the answer, e.g. '#(-?\\d+)'")
     p.add_argument("--ignore-case", action="store_true", help="exact / regex graders: compare case-insensitively")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_lopd.cli import add_engine_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="sample responses to a prompt file (SFT data or rollouts)",
@@ -25,10 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed; sample j of prompt i uses a seed derived from (seed, i, j)")
     p.add_argument("--record-logprobs", action="store_true", help="store the generator's raw log-prob of each sampled token (drift monitor)")
     p.add_argument("--thinking", choices=("on", "off"), default=None, help="enable_thinking for the chat template (default: template default)")
-    p.add_argument("--backend", choices=("vllm", "hf"), default="vllm", help="generation engine (default vllm)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="model dtype (default float32; bfloat16 on GPUs)")
-    p.add_argument("--tensor-parallel", type=int, default=1, help="vLLM tensor parallel size (GPUs)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    add_engine_arguments(p, "model")
     p.add_argument("--chunk-size", type=int, default=256, help="prompts per chunk: the unit of resume and sharding (default 256)")
     p.add_argument("--shard", default=None, metavar="I/N", help="process chunk c iff c %% N == I (default: from srun / SLURM array / torchrun, else 0/1)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing artifact at --out first")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_lopd.cli import add_engine_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("score", help="teacher-score rollouts into a teacher store",
@@ -17,10 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--teacher", help="teacher Hugging Face model directory")
     p.add_argument("--out", required=True, help="teacher store directory (resumed if it exists)")
     p.add_argument("--top-k", type=int, default=16, help="teacher top-k stored at each response position (default 16; 0 = none)")
-    p.add_argument("--backend", choices=("vllm", "hf"), default="vllm", help="scoring engine (default vllm)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="teacher dtype (default float32)")
-    p.add_argument("--tensor-parallel", type=int, default=1, help="vLLM tensor parallel size (GPUs per worker)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the teacher's)")
+    add_engine_arguments(p, "teacher")
     p.add_argument("--sequences-per-shard", type=int, default=256, help="store shard size: the unit of work and resume (default 256)")
     p.add_argument("--shard", default=None, metavar="I/N", help="score store shards s with s %% N == I")
     p.add_argument("--finalize", action="store_true", help="only finalize the store (after all workers exited)")
