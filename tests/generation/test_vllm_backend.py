@@ -5,6 +5,8 @@ One engine for the whole module (an engine start costs seconds to tens of second
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 
@@ -80,19 +82,87 @@ def test_scores_agree_with_transformers(engine, hf, vllm_samples, tiny_hf_dir):
                 assert a.topk_ids is None
 
 
-def test_tensor_fast_path_equals_vllm_flat_logprobs(engine, vllm_samples):
-    """The output-processor hook must return exactly what vLLM's own flat path returns."""
-    prompts, responses, _ = _flat(vllm_samples)
-    fast = engine.score(prompts, responses, top_k=8)
+def _score_both_paths(engine, prompts, responses, k):
+    """(our fast path, vLLM's own flat path) on the same engine."""
+    fast = engine.score(prompts, responses, top_k=k)
     engine.tensor_logprobs = False
     try:
-        slow = engine.score(prompts, responses, top_k=8)
+        slow = engine.score(prompts, responses, top_k=k)
     finally:
         engine.tensor_logprobs = True
+    return fast, slow
+
+
+def _long_random_requests(engine, seed=3):
+    """Random prompts (1 token included) and responses whose total exceeds one engine step: some are chunked."""
+    rng = np.random.default_rng(seed)
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    prompts, responses, total = [], [], 0
+    while total <= budget + 500:
+        p, r = int(rng.integers(1, 20)), int(rng.integers(1, 400))
+        prompts.append(rng.integers(2, 128, size=p).tolist())
+        responses.append(rng.integers(2, 128, size=r).tolist())
+        total += p + r
+    prompts[0] = prompts[0][:1]
+    return prompts, responses
+
+
+@pytest.mark.parametrize("runner", ["batched", "small-passes", "vllm"])
+@pytest.mark.parametrize("k", [0, 8])
+def test_tensor_fast_path_equals_vllm_flat_logprobs(engine, vllm_samples, k, runner, monkeypatch):
+    """The hooks must return exactly what vLLM's own per-request, flat path returns: with the batched
+    engine-side prompt log-probs (one pass per step, or passes of ~100 rows), and without (the fallback
+    where the model runner lacks the hook). Sampled responses, and random ones (tokens mostly outside
+    the top-k, some requests split over engine steps, a 1-token prompt)."""
+    from megatron_lopd.generation import vllm_backend
+
+    assert engine.batched_logprobs, "this vLLM version should take the batched engine path"
+    prompts, responses, _ = _flat(vllm_samples)
+    long_prompts, long_responses = _long_random_requests(engine)
+    if runner == "small-passes":  # the engine runs in this process: the worker reads the module constant
+        monkeypatch.setattr(vllm_backend, "_LOGITS_PER_PASS", 100 * engine.info.vocab_size)
+    engine.batched_logprobs = runner != "vllm"
+    try:
+        fast, slow = _score_both_paths(engine, prompts + long_prompts, responses + long_responses, k)
+    finally:
+        engine.batched_logprobs = True
     for a, b in zip(fast, slow):
         np.testing.assert_array_equal(a.token_logprobs, b.token_logprobs)
-        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
-        np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+        if k:
+            np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+            np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+        else:
+            assert a.topk_ids is None and b.topk_ids is None
+    if k:
+        outside = [np.mean([t not in row for t, row in zip(r, s.topk_ids)]) for r, s in zip(long_responses, fast)]
+        assert np.mean(outside) > 0.5  # the actual token's log-prob is gathered, not read from the top-k
+
+
+def test_batched_path_agrees_with_transformers_and_is_scoped(engine, hf, tiny_hf_dir):
+    """Random long requests against transformers (float32) and the float64 reference; after `score`
+    the model runner and the output processor are vLLM's own again."""
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    prompts, responses = _long_random_requests(engine, seed=4)
+    original = LogprobsProcessor._update_prompt_logprobs
+    ours, theirs = engine.score(prompts, responses, top_k=16), hf.score(prompts, responses, top_k=16)
+    for p, r, a, b in zip(prompts[:6], responses[:6], ours, theirs):
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=AGREE)
+        assert_topk_matches(full_logprobs(tiny_hf_dir, p, r), a.topk_ids, a.topk_logprobs, atol=AGREE)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=AGREE)
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=AGREE)
+    assert LogprobsProcessor._update_prompt_logprobs is original
+    assert engine.llm.collective_rpc(lambda worker: "_get_prompt_logprobs_dict" in vars(worker.model_runner)) == [False]
+
+
+def test_worker_extension_refuses_a_runner_without_the_hook():
+    """vLLM's V2 model runner (its default where Triton runs) and other versions lack the hook: no patch."""
+    from megatron_lopd.generation.vllm_backend import ScoringWorkerExtension
+
+    worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(num_prompt_logprobs={}))
+    assert ScoringWorkerExtension.lopd_batched_prompt_logprobs(worker, True) is False
+    assert "_get_prompt_logprobs_dict" not in vars(worker.model_runner)
 
 
 def test_sampling_is_seeded_per_sample(engine):
