@@ -16,8 +16,9 @@ naming both values. `verify_store` reads everything up front.
 Reads bypass zarr-python's codec pipeline (see `format.py`): chunks are read with
 ``pread`` and decoded with numcodecs' Blosc, a few microseconds of Python per chunk. A
 small per-process LRU of decoded prompt chunks (``cache_bytes``) serves prompts that
-share a chunk; response-axis chunks hold one sequence each and are not cached. ``load_topk=False`` skips the top-k arrays (most
-of the bytes) for losses that use only the sampled-token log-probs.
+share a chunk; response-axis chunks hold one sequence each and are not cached.
+``load_topk=False`` skips the top-k arrays (most of the bytes) for losses that use only
+the sampled-token log-probs.
 
 DataLoader workers: the store pickles without file descriptors or cache and reopens
 files lazily, so it works with fork and spawn start methods alike. One TeacherStore is
