@@ -13,9 +13,8 @@ demand:
 4. collate them with the trainer's own packing (`TrainData.build_step`).
 
 Everything else (model, optimizer, loss, metrics, checkpoints, HF export) is the
-trainer's. The hook is the trainer's `_build_data` / `_check_inputs` (there is no public
-data-source argument yet); single process only (DP = TP = PP = 1), which is what the
-demo runs.
+trainer's; this module overrides its two data extension points, `check_inputs` and
+`build_data`. Single process only (DP = TP = PP = 1), which is what the demo runs.
 """
 
 from __future__ import annotations
@@ -188,7 +187,7 @@ class OnlineTrainer(Trainer):
         super().__init__(config)
         self.online = online
 
-    def _check_inputs(self):
+    def check_inputs(self):
         import torch
 
         from megatron_lopd.generation.base import load_backend
@@ -229,7 +228,7 @@ class OnlineTrainer(Trainer):
         }
         return start, source, [], record
 
-    def _build_data(self) -> None:
+    def build_data(self) -> None:
         if self.config.parallel.pipeline_parallel != 1:
             raise ConfigError("online OPD runs with pipeline_parallel=1", "set parallel.pipeline_parallel=1")
         student, teacher = self._backends

@@ -277,7 +277,7 @@ class Trainer:
         self.precision = _precision(cfg)
 
         # Provenance and bad input: rank 0 checks, everybody raises the same error.
-        self.start, self.source, self.consistency_warnings, self.provenance = self._on_rank0_then_share(self._check_inputs)
+        self.start, self.source, self.consistency_warnings, self.provenance = self._on_rank0_then_share(self.check_inputs)
         q = self.start.qwen3
         from megatron_lopd.models.qwen3 import check_parallel_layout
 
@@ -299,7 +299,7 @@ class Trainer:
             )
         self.resume_from = self._find_resume()
         self._build_model()
-        self._build_data()
+        self.build_data()
         self.total_steps = self._total_steps()
         self._build_optimizer()
         self.step, self.nonfinite_steps = 0, 0
@@ -329,7 +329,11 @@ class Trainer:
         source = result[1] if self.rank == 0 else open_data_source(self.config)
         return start, source, warnings, record
 
-    def _check_inputs(self):
+    # The two data extension points: a subclass that feeds another data stream overrides both
+    # (demo/online.py: standard online OPD with a live sampler and teacher).
+    def check_inputs(self):
+        """On rank 0, before any compute: (start model, data source, consistency warnings,
+        provenance record). Raise a LopdError for bad input; every rank raises it."""
         start = resolve_start_model(self.config)
         source = open_data_source(self.config)
         warnings, record = check_consistency(self.config, start, source)
@@ -398,7 +402,8 @@ class Trainer:
         tconfig.grad_scale_func = None
         self.tconfig = tconfig
 
-    def _build_data(self) -> None:
+    def build_data(self) -> None:
+        """Set `self.data`: what `run` iterates (the model exists; `self.source` is opened)."""
         from megatron_lopd.training.data import TrainData
 
         cfg, d = self.config, self.config.data
