@@ -47,7 +47,7 @@ from megatron_lopd.store import (
     finalize_store,
     synthetic_record,
 )
-from megatron_lopd.store.schema import aligned_starts
+from megatron_lopd.store.schema import aligned_positions
 
 PROV = StoreProvenance(teacher_fingerprint="model-bench", tokenizer_fingerprint="tok-bench", engine="synthetic")
 
@@ -144,7 +144,7 @@ def topk_entropy_bytes(path: Path, tokens: int) -> dict[str, float]:
         group = zarr.open_group(shard, mode="r")
         lens = group["response_lens"][...].astype(np.int64)
         chunk = group["topk_ids"].chunks[-1]
-        real = np.concatenate([np.arange(n) + s for n, s in zip(lens, aligned_starts(lens, chunk))]).astype(np.int64)
+        real = aligned_positions(lens, chunk)[0]
         for name in out:
             stored = group[name][...][:, real]
             out[name] += sum(bits(row) for row in stored) / 8 / tokens

@@ -29,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 # Model shapes small enough for a CPU run; named Qwen3 shapes for GPUs.
 CPU_SHAPES = {
     "cpu_small": dict(vocab_size=32768, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,

@@ -436,6 +436,18 @@ def aligned_starts(lens: np.ndarray, align: int) -> np.ndarray:
     return np.cumsum(padded) - padded
 
 
+def aligned_positions(lens: np.ndarray, align: int) -> tuple[np.ndarray, int]:
+    """(index of every real position in the aligned layout, in sequence order; its length).
+
+    ``aligned[..., positions] = concatenated`` lays sequences out; ``aligned[..., positions]``
+    drops the padding again.
+    """
+    lens = np.asarray(lens, dtype=np.int64)
+    padded = -(-lens // align) * align
+    shift = np.cumsum(padded - lens) - (padded - lens)  # padding before each sequence
+    return np.repeat(shift, lens) + np.arange(int(lens.sum()), dtype=np.int64), int(padded.sum())
+
+
 # ---------------------------------------------------------------------------------------
 # Encodings of the top-k arrays (see the module docstring).
 

@@ -29,7 +29,7 @@ from megatron_lopd.store.schema import (
     SEQUENCES_DIR,
     SHARDS_DIR,
     TOPK_VOCABULARY,
-    aligned_starts,
+    aligned_positions,
     content_hash,
     decode_topk_inplace,
     uint64_to_hash,
@@ -137,8 +137,7 @@ def _verify_shard(path: Path, writer: StoreWriter, s: int, report: VerifyReport)
     plens, rlens = per_seq["prompt_lens"].astype(np.int64), per_seq["response_lens"].astype(np.int64)
     if int(plens.sum()) != marker.prompt_tokens or int(rlens.sum()) != marker.response_tokens:
         raise LopdError("token counts differ from the done marker")
-    rstart = aligned_starts(rlens, meta.chunk_tokens)
-    rslots = int(rstart[-1] + -(-rlens[-1] // meta.chunk_tokens) * meta.chunk_tokens) if len(rlens) else 0
+    real, rslots = aligned_positions(rlens, meta.chunk_tokens)  # real positions: without the padding
     names = ["prompt_ids", "response_ids", "teacher_logprobs"]
     names += ["rollout_logprobs"] if meta.has_rollout_logprobs else []
     names += ["topk_ids", "topk_logprobs"] if meta.top_k else []
@@ -153,8 +152,6 @@ def _verify_shard(path: Path, writer: StoreWriter, s: int, report: VerifyReport)
         finally:
             arr.close()
         report.chunks_checked += -(-expect_len // arr.chunk_len)
-    # Keep the real positions only (drop the alignment padding between sequences).
-    real = np.repeat(rstart, rlens) + np.arange(int(rlens.sum())) - np.repeat(np.cumsum(rlens) - rlens, rlens)
     for name in names[1:]:
         data[name] = np.ascontiguousarray(data[name][..., real])
     for name in ("prompt_ids", "response_ids"):

@@ -58,7 +58,7 @@ from megatron_lopd.store.schema import (
     SequenceRecord,
     StoreMeta,
     StoreProvenance,
-    aligned_starts,
+    aligned_positions,
     encode_topk,
     hash_to_uint64,
     validate_record,
@@ -347,15 +347,11 @@ class StoreWriter:
         token_kw = {"chunk_tokens": m.chunk_tokens, "clevel": m.clevel}
         write_token_array(group, "prompt_ids", cat("prompt_ids", np.int32), **token_kw)
         # Response-axis arrays: each sequence starts on a chunk boundary (schema docstring).
-        lens = np.array([len(r.response_ids) for r in recs], dtype=np.int64)
-        starts = aligned_starts(lens, m.chunk_tokens)
-        slots = int(starts[-1] + -(-lens[-1] // m.chunk_tokens) * m.chunk_tokens) if len(lens) else 0
-        segments = list(zip(starts.tolist(), (np.cumsum(lens) - lens).tolist(), lens.tolist()))
+        positions, slots = aligned_positions([len(r.response_ids) for r in recs], m.chunk_tokens)
 
         def aligned(values: np.ndarray) -> np.ndarray:
             out = np.zeros((*values.shape[:-1], slots), dtype=values.dtype)
-            for dst, src, n in segments:
-                out[..., dst:dst + n] = values[..., src:src + n]
+            out[..., positions] = values
             return out
 
         response, teacher = cat("response_ids", np.int32), cat("teacher_logprobs", np.float32)
