@@ -9,6 +9,7 @@ class LopdError(Exception):
     """A user-facing error: bad input, bad configuration, an inconsistent artifact."""
 
     exit_code = 2
+    all_ranks = False  # raised identically on every rank of a launch: printed by rank 0 only
 
     def __init__(self, what: str, fix: str | None = None):
         self.what = what

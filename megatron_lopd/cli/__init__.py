@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from megatron_lopd.errors import LopdError
@@ -94,11 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     try:
         rc = args.handler(args)
     except LopdError as exc:
-        print(f"lopd {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        if not exc.all_ranks or rank == "0":
+            print(f"lopd {args.command}: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except OSError as exc:  # a full disk, a read-only or missing path, a file where a directory belongs
+        if os.environ.get("LOPD_TRACEBACK"):
+            raise
+        from megatron_lopd.runtime.files import os_error_line
+
+        where = "" if rank == "0" else f" (rank {rank})"
+        line = os_error_line(exc, getattr(args, "out", None))
+        print(f"lopd {args.command}: error{where}: {line} (LOPD_TRACEBACK=1 shows where)", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         print(f"lopd {args.command}: interrupted", file=sys.stderr)
         return 130

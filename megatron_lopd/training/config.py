@@ -118,6 +118,9 @@ class CheckpointConfig:
     keep_last: int = 2  # 0 keeps every checkpoint
     resume: str = "auto"  # auto: latest in the run dir if any | none | a checkpoint dir
     export_hf: bool = True  # export the final model to <run_dir>/hf
+    # Comma-separated keys a resume may change (optimizer.lr, optimizer.min_lr, optimizer.clip_grad,
+    # optimizer.weight_decay): applied from the resumed step on and recorded in manifest.json.
+    resume_changes: str = ""
 
 
 @dataclass

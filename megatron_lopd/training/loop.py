@@ -23,6 +23,9 @@ import json
 import logging
 import math
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +53,18 @@ _SUM_KEYS = ("loss", "tokens", "sequences", "teacher_nonfinite", *_MEANS.values(
 class TrainingStopped(LopdError):
     """Training cannot continue (too many non-finite steps in a row)."""
 
+    all_ranks = True
+
+
+class TrainingInterrupted(LopdError):
+    """A stop signal arrived; a checkpoint was written and the run can be resumed."""
+
+    all_ranks = True
+
+    def __init__(self, what: str, fix: str, exit_code: int):
+        super().__init__(what, fix)
+        self.exit_code = exit_code
+
 
 @dataclass
 class RunSummary:
@@ -61,6 +76,7 @@ class RunSummary:
     final_checkpoint: Path | None = None
     hf_export: Path | None = None
     nonfinite_steps: int = 0
+    teacher_nonfinite_steps: int = 0  # of those, steps skipped for NaN/inf teacher log-probs
     consistency_warnings: list[str] = field(default_factory=list)
     mean_tokens_per_s: float = 0.0
     mean_step_time_s: float = 0.0
@@ -257,6 +273,9 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.logger = None
         self.data = None
+        self.lock = None  # rank 0: the run dir's OutputLock
+        self.resumes: list[dict[str, Any]] = []
+        self.stop_signal: int | None = None  # set by SIGTERM / SIGUSR1 (install_stop_handlers)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -276,8 +295,10 @@ class Trainer:
         self.is_logging_rank = self.rank == 0
         self.precision = _precision(cfg)
 
-        # Provenance and bad input: rank 0 checks, everybody raises the same error.
-        self.start, self.source, self.consistency_warnings, self.provenance = self._on_rank0_then_share(self.check_inputs)
+        # The run dir, provenance, bad input and the resume's settings: rank 0 checks, every
+        # rank raises the same error.
+        (self.start, self.source, self.consistency_warnings, self.provenance, self.resume_from,
+         self.resume_changes) = self._on_rank0_then_share(self._preflight)
         q = self.start.qwen3
         from megatron_lopd.models.qwen3 import check_parallel_layout
 
@@ -297,15 +318,21 @@ class Trainer:
                 f"data.global_batch={cfg.data.global_batch} is not divisible by the data-parallel size {self.dp_size}",
                 "set data.global_batch to a multiple of the data-parallel size (world size / (TP x PP))",
             )
-        self.resume_from = self._find_resume()
         self._build_model()
         self.build_data()
         self.total_steps = self._total_steps()
         self._build_optimizer()
-        self.step, self.nonfinite_steps = 0, 0
+        self.step, self.nonfinite_steps, self.teacher_nonfinite_steps = 0, 0, 0
         if self.resume_from is not None:
             self._resume()
-        self._start_logging()
+        elif self.is_logging_rank:
+            from megatron_lopd.training.metrics_log import truncate_metrics
+
+            truncate_metrics(self.run_dir, 0)  # an attempt killed before its first checkpoint
+        # A finished run asked again with the same settings: nothing to train, nothing to rewrite.
+        self.already_complete = self.step >= self.total_steps and self._recorded_status() == "complete"
+        if not self.already_complete:
+            self._start_logging()
 
     def _on_rank0_then_share(self, fn):
         """Run fn on rank 0 (file hashing, store opening); share success or the error."""
@@ -320,14 +347,42 @@ class Trainer:
         if box[0] is not None:
             kind, what, fix = box[0]
             cls = {c.__name__: c for c in (ArtifactError, ConfigError, ConsistencyError)}.get(kind, LopdError)
-            raise cls(what, fix)
+            exc = cls(what, fix)
+            exc.all_ranks = True  # the CLI prints it on rank 0 only
+            raise exc
         # The start model's description travels (no re-hashing of a large checkpoint on every
         # rank); every rank opens the data itself (the checks already passed on rank 0).
-        box = [(result[0], result[2], result[3]) if self.rank == 0 else None]
+        box = [(result[0], *result[2:]) if self.rank == 0 else None]
         torch.distributed.broadcast_object_list(box, src=0)
-        start, warnings, record = box[0]
+        start, *rest = box[0]
         source = result[1] if self.rank == 0 else open_data_source(self.config)
-        return start, source, warnings, record
+        return (start, source, *rest)
+
+    def _preflight(self):
+        """Rank 0, before any compute: the run dir is ours and not in use (locked for the run),
+        the inputs pass `check_inputs`, and a resume asks for nothing its checkpoint forbids.
+        Returns (start, source, warnings, provenance record, resume checkpoint, resume changes)."""
+        from megatron_lopd.runtime.files import LOCK_NAME, OutputLock, check_writable_dir
+        from megatron_lopd.training.checkpointing import read_metadata
+        from megatron_lopd.training.run_dir import check_run_dir, resume_changes
+
+        check_run_dir(self.config)
+        check_writable_dir(self.run_dir, "run_dir")
+        self.lock = OutputLock(self.run_dir / LOCK_NAME, "run dir").acquire()
+        start, source, warnings, record = self.check_inputs()
+        resume_from = self._find_resume()
+        changes = {}
+        if resume_from is not None:
+            changes = resume_changes(resume_from, read_metadata(resume_from).get("trainer", {}), self.config, record)
+        return start, source, warnings, record, resume_from, changes
+
+    def _recorded_status(self) -> str | None:
+        from megatron_lopd.provenance import MANIFEST_NAME
+
+        try:
+            return json.loads((self.run_dir / MANIFEST_NAME).read_text())["extra"]["status"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     # The two data extension points: a subclass that feeds another data stream overrides both
     # (demo/online.py: standard online OPD with a live sampler and teacher).
@@ -514,8 +569,13 @@ class Trainer:
             )
         self.step = int(state["step"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.teacher_nonfinite_steps = int(state.get("teacher_nonfinite_steps", 0))
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.load_state_dict(state["data"])
+        if self.resume_changes:
+            from megatron_lopd.training.run_dir import apply_optimizer_changes
+
+            apply_optimizer_changes(self.resume_changes, self.optimizer, self.scheduler)
         if self.is_logging_rank:
             truncate_metrics(self.run_dir, self.step)
         torch.distributed.barrier()
@@ -539,7 +599,14 @@ class Trainer:
             start_step=self.step,
         )
         if self.is_logging_rank:
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            from megatron_lopd.runtime.files import atomic_write
+
+            atomic_write(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+            self.resumes = self._recorded_resumes()
+            if self.resume_from is not None:
+                self.resumes.append({"step": self.step, "checkpoint": str(self.resume_from), "changes": self.resume_changes})
+                for key, (old, new) in self.resume_changes.items():
+                    self.logger.console(f"resume: {key} {old!r} -> {new!r} (from step {self.step + 1}; recorded in manifest.json)")
             self._write_manifest(status="running")
             for w in self.consistency_warnings:
                 banner = "!" * 100
@@ -558,6 +625,18 @@ class Trainer:
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         self.peak_tflops = peak_tflops(name, "fp8" if cfg.model.fp8 else "bf16", lg.peak_tflops) if torch.cuda.is_available() else None
 
+    def _recorded_resumes(self) -> list[dict[str, Any]]:
+        """The resume history of the run so far (settings changed at each resume), from its manifest."""
+        from megatron_lopd.provenance import MANIFEST_NAME
+
+        if self.resume_from is None:
+            return []
+        try:
+            resumes = json.loads((self.run_dir / MANIFEST_NAME).read_text())["extra"].get("resumes", [])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []
+        return [r for r in resumes if isinstance(r, dict) and r.get("step", 0) < self.step]
+
     def _write_manifest(self, *, status: str, **extra) -> None:
         from megatron_lopd.provenance import Manifest
 
@@ -573,6 +652,7 @@ class Trainer:
                 "precision": self.precision,
                 "consistency_opt_out": {"allow_inconsistent_teacher": tc.allow_inconsistent_teacher, "allow_policy_mismatch": tc.allow_policy_mismatch},
                 "consistency_warnings": self.consistency_warnings,
+                "resumes": self.resumes,
                 **extra,
             },
         ).write(self.run_dir)
@@ -657,9 +737,11 @@ class Trainer:
             ok, _, _ = self.optimizer.step()
             finite = bool(ok)
         # Every rank measures its own time (data wait included); the slowest defines the step.
-        step_time = torch.tensor([time.perf_counter() - t0 + batch.wait_s], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(step_time, op=torch.distributed.ReduceOp.MAX)
-        step_time = float(step_time.item())
+        # The same all-reduce tells every rank whether any of them got a stop signal, so all
+        # of them checkpoint after this step together.
+        agreed = torch.tensor([time.perf_counter() - t0 + batch.wait_s, float(self.stop_signal or 0)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        step_time, self.agreed_stop_signal = float(agreed[0].item()), int(agreed[1].item())
         tokens = self._global_tokens(batch)
         tokens_per_s = tokens / step_time if step_time > 0 else 0.0
         n_tok = sums.get("tokens", 0.0)
@@ -705,6 +787,13 @@ class Trainer:
 
         cfg = self.config
         summary = RunSummary(self.run_dir, self.step, {}, resumed_from=self.resume_from, consistency_warnings=self.consistency_warnings)
+        if self.already_complete:
+            summary.final_checkpoint = checkpointing.find_latest(self.ckpt_root)
+            summary.nonfinite_steps, summary.teacher_nonfinite_steps = self.nonfinite_steps, self.teacher_nonfinite_steps
+            if self.is_logging_rank:
+                print(f"lopd train: {self.run_dir} is complete at step {self.step} (train_steps {self.total_steps}); "
+                      "nothing to train (raise train_steps to extend it)", flush=True)
+            return summary
         consecutive = 0
         while self.step < self.total_steps:
             t_wait = time.perf_counter()
@@ -714,6 +803,7 @@ class Trainer:
             self.step += 1
             if record["skipped"]:
                 self.nonfinite_steps += 1
+                self.teacher_nonfinite_steps += bool(record["teacher_nonfinite"])
                 consecutive += 1
             else:
                 consecutive = 0
@@ -732,10 +822,12 @@ class Trainer:
                     + f"or resume from the last good checkpoint in {self.ckpt_root}",
                 )
             last = self.step == self.total_steps
-            if last or (cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0):
+            if last or self.agreed_stop_signal or (cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0):
                 summary.final_checkpoint = self.save_checkpoint()
+            if self.agreed_stop_signal and not last:
+                self._stop_on_signal(summary.final_checkpoint)
         summary.last_step = self.step
-        summary.nonfinite_steps = self.nonfinite_steps
+        summary.nonfinite_steps, summary.teacher_nonfinite_steps = self.nonfinite_steps, self.teacher_nonfinite_steps
         timed = [r for r in summary.records[1:] or summary.records]  # the first step includes warm-up
         if timed:
             summary.mean_step_time_s = sum(r["step_time_s"] for r in timed) / len(timed)
@@ -752,8 +844,35 @@ class Trainer:
                 hf_export=str(summary.hf_export) if summary.hf_export else None,
                 hf_fingerprint=self.hf_fingerprint if summary.hf_export else None,
                 nonfinite_steps=self.nonfinite_steps,
+                teacher_nonfinite_steps=self.teacher_nonfinite_steps,
             )
         return summary
+
+    def _stop_on_signal(self, checkpoint: Path) -> None:
+        """After the checkpoint of this step: record the interruption and leave (every rank)."""
+        name = signal.Signals(self.agreed_stop_signal).name
+        if self.is_logging_rank:
+            self._write_manifest(status="interrupted", final_step=self.step, final_checkpoint=str(checkpoint), stop_signal=name)
+        raise TrainingInterrupted(
+            f"training stopped by {name} at step {self.step} of {self.total_steps}: checkpoint {checkpoint} written",
+            "rerun the same command to resume (slurm/lightning_opd_8b.sh requeues its job itself)",
+            exit_code=128 + self.agreed_stop_signal)
+
+    def install_stop_handlers(self):
+        """SIGTERM (SLURM's preemption and time-limit signal, torchrun's shutdown) and SIGUSR1
+        (`sbatch --signal=USR1@SECONDS`): finish the current step, checkpoint, exit. Returns a
+        function that restores the previous handlers. Only the main thread can install them."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_signal(signum, _frame):
+            if self.stop_signal is None:
+                self.stop_signal = signum
+                print(f"lopd train: received {signal.Signals(signum).name}: checkpointing after the current step, then exiting",
+                      file=sys.stderr, flush=True)
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
 
     def save_checkpoint(self) -> Path:
         from megatron_lopd.training import checkpointing
@@ -772,6 +891,10 @@ class Trainer:
                 "optimizer_updates": self.scheduler.num_steps,  # successful updates == Adam's step
                 "data": self.data.state_dict(),
                 "loss": self.config.loss,
+                "teacher_nonfinite_steps": self.teacher_nonfinite_steps,
+                # What this checkpoint was trained with: a resume compares against it (run_dir.py).
+                "config": self.config.to_dict(),
+                "inputs": self.provenance,
             },
             start_fingerprint=self.start.fingerprint,
             keep_last=self.config.checkpoint.keep_last,
@@ -807,6 +930,8 @@ class Trainer:
             self.data.close()
         if self.logger is not None:
             self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def train(config: TrainConfig) -> RunSummary:
@@ -814,9 +939,18 @@ def train(config: TrainConfig) -> RunSummary:
     from megatron_lopd.runtime import destroy_distributed
 
     trainer = Trainer(config)
+    restore_handlers = trainer.install_stop_handlers()
     try:
         trainer.setup()
-        return trainer.run()
+        summary = trainer.run()
     finally:
+        restore_handlers()
         trainer.close()
         destroy_distributed()
+    if summary.teacher_nonfinite_steps:
+        # Bad input found late: the run finished (checkpoint and export written), but it must not pass as clean.
+        raise ArtifactError(
+            f"{config.data.store}: {summary.teacher_nonfinite_steps} training steps had NaN/inf teacher log-probs and were "
+            f"skipped (see the WARNING lines and metrics.jsonl 'teacher_nonfinite'); run {config.run_dir} finished otherwise",
+            f"run `lopd store verify {config.data.store}` and rescore the damaged shards, then train again")
+    return summary

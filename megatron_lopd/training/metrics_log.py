@@ -89,13 +89,15 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text().splitlines():
+    keep, lines = [], path.read_text().splitlines()
+    for line in lines:
         try:
             if json.loads(line)["step"] <= last_step:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
+    if keep == lines:
+        return  # nothing after the checkpoint: the file is left as it is
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
