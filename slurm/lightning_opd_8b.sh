@@ -6,13 +6,16 @@
 #SBATCH --exclusive
 #SBATCH --time=20:00:00
 #SBATCH --requeue
+#SBATCH --signal=USR1@600
 #SBATCH --open-mode=append
 #SBATCH --output=lopd-8b-%j.out
 #
 # Lightning OPD training of the 8B student (Qwen3-8B-Base after SFT, teacher store by Qwen3-32B):
 # one node with 8 GPUs, TP 4 + sequence parallel, the paper's hyper-parameters (trainer preset
-# `lightning_opd`). Multi-node: --nodes=N. Requeue-safe: a preempted or `scontrol requeue`d job
-# restarts this script and the trainer resumes from the latest checkpoint in LOPD_RUN_DIR.
+# `lightning_opd`). Multi-node: --nodes=N. Requeue-safe: on SIGTERM (preemption, `scontrol
+# requeue`, `scancel --signal=TERM`) or SIGUSR1 (sent 600 s before the time limit by the
+# --signal line above) the trainer finishes its step, checkpoints and exits; this script then
+# requeues the job, which resumes from that checkpoint in LOPD_RUN_DIR.
 #
 #   bash  slurm/lightning_opd_8b.sh [SBATCH OPTIONS]   check the inputs here, then submit this script
 #   bash  slurm/lightning_opd_8b.sh --check            only check the inputs
@@ -41,6 +44,8 @@
 #   MASTER_ADDR         rendezvous host (default: 127.0.0.1 on one node, else the first node of the job)
 #   MASTER_PORT         rendezvous port (default 29500 + job id % 1000)
 #   LOPD_LOG_DIR        per-job logs (default LOPD_RUN_DIR/logs): <job name>-<job id>-r<restart>.log
+#   LOPD_STOP_GRACE     seconds torchrun lets the ranks checkpoint after a stop signal before it
+#                       kills them (default 540; keep it below the --signal lead time)
 set -euo pipefail
 
 PROG=lightning_opd_8b.sh
@@ -136,6 +141,10 @@ else
 fi
 export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# torchrun forwards SIGUSR1 too, and gives the ranks this long to checkpoint before SIGKILL
+# (PET_*: torchrun's own option variables; older versions ignore them).
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export PET_SHUTDOWN_TIMEOUT=${PET_SHUTDOWN_TIMEOUT:-${LOPD_STOP_GRACE:-540}}
 if [[ $DEVICE == cuda ]]; then
   export CUDA_DEVICE_MAX_CONNECTIONS=1        # Megatron: TP/SP communication overlap needs ordered kernels
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=1    # a failed rank aborts the job instead of hanging it
@@ -150,6 +159,8 @@ SRUN=(srun --kill-on-bad-exit=1 --nodes="$NNODES" "${CONTAINER[@]}")
 LOPD_BIN=lopd  # the container's
 ((${#CONTAINER[@]})) || LOPD_BIN=$(command -v lopd)
 
+STARTED=$(mktemp)  # manifest.json newer than this: written by this life of the job
+set +e
 if [[ $LAUNCHER == torchrun ]]; then
   # One task per node with all of the node's CPUs; torchrun starts the node's ranks.
   # The node rank comes from SLURM_NODEID inside each task, hence the inner bash.
@@ -162,4 +173,17 @@ else
   SRUN+=(--ntasks="$WORLD_SIZE" --ntasks-per-node="$NPROC" --cpus-per-task=$(( ${SLURM_CPUS_ON_NODE:-$NPROC} / NPROC )))
   "${SRUN[@]}" "$LOPD_BIN" train --config "$TRAIN_CONFIG" "${TRAIN_ARGS[@]}"
 fi
+rc=$?
+set -e
+MANIFEST=$LOPD_RUN_DIR/manifest.json
+if [[ $MANIFEST -nt $STARTED ]] && grep -q '"status": "interrupted"' "$MANIFEST"; then
+  # The trainer checkpointed on a stop signal: run again from that checkpoint (a preempted job
+  # is requeued by SLURM already; then this call fails harmlessly).
+  echo "[$PROG] checkpointed after a stop signal; requeueing job $SLURM_JOB_ID, $(date -Is)"
+  rm -f "$STARTED"
+  scontrol requeue "$SLURM_JOB_ID" || true
+  exit 0
+fi
+rm -f "$STARTED"
+((rc == 0)) || { echo "[$PROG] training failed (exit $rc), $(date -Is)"; exit "$rc"; }
 echo "[$PROG] training finished, $(date -Is)"

@@ -443,9 +443,12 @@ def copy_tokenizer_files(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
 
 
 def _prepare_empty_dir(path: Path, what: str) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    """A new or empty, writable output directory, checked before the long part."""
+    from megatron_lopd.runtime.files import check_writable_dir
+
+    if path.is_dir() and any(path.iterdir()):
         raise ArtifactError(f"{path}: already exists and is not empty ({what})", "choose a new output directory or remove it")
-    path.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(path, what, "--out")
 
 
 # ---- single-writer helper for torchrun ---------------------------------------------------

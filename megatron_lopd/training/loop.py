@@ -166,8 +166,10 @@ def check_consistency(config: TrainConfig, start: StartModel, source) -> tuple[l
         art = RolloutArtifact.open(config.data.sft_data)
         sft_generator = art.generator_fingerprint
         tokenizers["sft_data"] = art.tokenizer_fingerprint
+        record["sft_data_fingerprint"] = art.fingerprint
     record.update(
         store=str(source.path),
+        store_finalized_at=source.store.meta.finalized_at,  # which scoring of the rollouts (a rescore changes it)
         teacher_fingerprint=teacher,
         store_tokenizer=prov.tokenizer_fingerprint,
         rollouts_fingerprint=prov.rollouts_fingerprint,
@@ -947,10 +949,15 @@ def train(config: TrainConfig) -> RunSummary:
         restore_handlers()
         trainer.close()
         destroy_distributed()
+    check_teacher_scores(config, summary)
+    return summary
+
+
+def check_teacher_scores(config: TrainConfig, summary: RunSummary) -> None:
+    """Bad input found late: steps skipped for NaN/inf teacher log-probs. The run finished
+    (checkpoint and export written), but it must not pass as clean: the command exits non-zero."""
     if summary.teacher_nonfinite_steps:
-        # Bad input found late: the run finished (checkpoint and export written), but it must not pass as clean.
         raise ArtifactError(
             f"{config.data.store}: {summary.teacher_nonfinite_steps} training steps had NaN/inf teacher log-probs and were "
             f"skipped (see the WARNING lines and metrics.jsonl 'teacher_nonfinite'); run {config.run_dir} finished otherwise",
             f"run `lopd store verify {config.data.store}` and rescore the damaged shards, then train again")
-    return summary

@@ -137,7 +137,8 @@ def test_sbatch_script_trains_checkpoints_and_resumes_after_requeue(slurm, slurm
     resumed = re.search(r"resumed from (\S+) at step (\d+)", second)
     assert resumed, second[-2000:]
     at = int(resumed.group(2))
-    assert 2 <= at < steps and at % 2 == 0 and Path(resumed.group(1)).name == f"step_{at:07d}"
+    # the periodic checkpoint, or (SIGTERM reached the trainer within KillWait) the one written on the signal
+    assert 2 <= at < steps and Path(resumed.group(1)).name == f"step_{at:07d}"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["extra"]["status"] == "complete" and manifest["extra"]["final_step"] == steps
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:07d}"
@@ -145,6 +146,44 @@ def test_sbatch_script_trains_checkpoints_and_resumes_after_requeue(slurm, slurm
     assert metrics[-1]["step"] == steps
     # after the resume, steps continue from the checkpoint: the second life logs steps at+1 .. steps
     assert re.findall(r"^step (\d+)/", second, re.M)[0] == str(at + 1)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sbatch_script_checkpoints_on_sigterm_and_requeues_itself(slurm, slurm_pipeline, tmp_path, cancel_at_end):
+    """`scancel --signal=TERM` (what a preemption or the --signal time-limit warning looks like to
+    the ranks): the trainer finishes its step, checkpoints it, exits; the script requeues the job,
+    which resumes from exactly that step and completes."""
+    work, proc, _ = slurm_pipeline
+    assert proc.returncode == 0
+    run_dir, steps = tmp_path / "run", 400
+    env = slurm.env(_clean_env(**_tiny_env(work, run_dir, LOPD_TRAIN_ARGS=f"train_steps={steps} data.global_batch=4 checkpoint.save_every=0")))
+    out = _bash(env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    job = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
+    cancel_at_end.append(job)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").is_file() or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert slurm.state(job) in ("PENDING", "RUNNING") and time.monotonic() < deadline, slurm.state(job)
+        time.sleep(0.2)
+    assert not (run_dir / "checkpoints" / "latest").exists()  # save_every=0: only the signal writes one
+    slurm.run("scancel", "--signal=TERM", job)
+    while slurm.state(job) != "PENDING":  # the script requeued it
+        assert time.monotonic() < deadline, slurm.state(job)
+        time.sleep(0.2)
+    slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # requeued jobs are held ~2 min otherwise
+    assert slurm.wait(job, timeout=600) == "COMPLETED"
+    logs = run_dir / "logs"
+    first, second = (logs / f"lopd-8b-{job}-r0.log").read_text(), (logs / f"lopd-8b-{job}-r1.log").read_text()
+    stopped = re.search(r"training stopped by SIGTERM at step (\d+) of 400: checkpoint (\S+) written", first)
+    assert stopped and "received SIGTERM: checkpointing after the current step" in first, first[-3000:]
+    assert f"checkpointed after a stop signal; requeueing job {job}" in first
+    at = int(stopped.group(1))
+    assert Path(stopped.group(2)).name == f"step_{at:07d}"
+    assert re.search(rf"resumed from \S+step_{at:07d} at step {at}", second), second[-2000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["extra"]["status"] == "complete" and manifest["extra"]["final_step"] == steps
+    assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())] == list(range(1, steps + 1))
 
 
 @pytest.mark.slurm

@@ -308,7 +308,8 @@ def _train_with_nan_sequence(overrides: list[str], nan_index: int):
     from megatron_lopd.runtime import destroy_distributed
     from megatron_lopd.training.config import resolve_config
     from megatron_lopd.training.data import InMemorySource, TrainData
-    from megatron_lopd.training.loop import Trainer
+    from megatron_lopd.errors import ArtifactError
+    from megatron_lopd.training.loop import Trainer, check_teacher_scores
 
     trainer = Trainer(resolve_config("tiny_cpu", overrides))
     try:
@@ -321,7 +322,13 @@ def _train_with_nan_sequence(overrides: list[str], nan_index: int):
             seed=d.seed, dp_rank=d.dp_rank, dp_size=d.dp_size, with_teacher=True, top_k=d.top_k, with_rollout=d.with_rollout,
         )
         summary = trainer.run()
-        return {"records": summary.records, "nonfinite": summary.nonfinite_steps, "final_checkpoint": str(summary.final_checkpoint)}
+        try:  # what `train()` does after the run: skipped teacher steps fail the command
+            check_teacher_scores(trainer.config, summary)
+            error = None
+        except ArtifactError as exc:
+            error = str(exc)
+        return {"records": summary.records, "nonfinite": summary.nonfinite_steps, "final_checkpoint": str(summary.final_checkpoint),
+                "teacher_nonfinite": summary.teacher_nonfinite_steps, "error": error}
     finally:
         trainer.close()
         destroy_distributed()
@@ -382,7 +389,10 @@ def test_bad_input_and_nonfinite_steps(pipeline, bad_stores, tmp_path):
     assert [r["step"] for r in rows if r["skipped"]] == bad_steps and len(bad_steps) == 2
     assert all(r["lr"] is None and not math.isfinite(r["loss"]) and r["teacher_nonfinite"] > 0 for r in rows if r["skipped"])
     assert all(math.isfinite(r["loss"]) for r in rows if not r["skipped"])
-    assert rows[-1]["nonfinite_steps"] == 2 and got["nonfinite"] == 2
+    assert rows[-1]["nonfinite_steps"] == 2 and got["nonfinite"] == 2 and got["teacher_nonfinite"] == 2
+    # ... and the command ends non-zero with one line naming the store (README: bad input never passes).
+    assert got["error"].startswith(f"{pipeline['store']}: 2 training steps had NaN/inf teacher log-probs and were skipped")
+    assert f"lopd store verify {pipeline['store']}" in got["error"]
     meta = json.loads((Path(got["final_checkpoint"]) / "lopd_checkpoint.json").read_text())
     assert meta["trainer"]["optimizer_updates"] == 4
     assert [r["loss"] is None for r in read_metrics(tmp_path / "j")] == [r["skipped"] for r in rows]  # strict JSON: null
