@@ -10,8 +10,11 @@ again from the artifacts' manifests).
 
 Every stage runs `lopd` subcommands (torchrun for multi-process training) in its own
 environment (`StageEnv`: a venv, a python, a container image for SLURM) and has an
-`is_done()` check that verifies its output; a stage whose output verifies is skipped,
-so a rerun continues where it stopped. The same stages are run by `run_local` (plain
+`is_done()` check that verifies its output. A verified output is done only if what it records
+about its making (model / prompt / data fingerprints, sampling, scoring and training settings)
+matches what the config asks now; otherwise it is stale, and so is everything downstream of it
+(`plan`, `status`). Done stages are skipped, so a rerun continues where it stopped; stale ones
+are refused, or with `rerun_stale` moved to `<dir>.stale-<time>` and made again. The same stages are run by `run_local` (plain
 subprocesses), by `lopd pipeline run`, and by the nemo-run recipes (one SLURM job per
 stage, chained by dependencies).
 """
@@ -372,11 +375,11 @@ def _hf_files(path: Path) -> None:
 
 def verify_hf_export(path: Path) -> str:
     """An HF export: config.json + weights + a manifest whose fingerprint matches the content."""
-    from megatron_lopd.provenance import Manifest, model_fingerprint
+    from megatron_lopd.provenance import Manifest
 
     _hf_files(path)
     manifest = Manifest.read(path, kind="hf_export")
-    actual = model_fingerprint(path)
+    actual = cached_model_fingerprint(path)
     if manifest.fingerprint != actual:
         raise ArtifactError(f"{path}: weights changed since export (manifest {manifest.fingerprint}, content {actual})", "rerun the export stage")
     return f"{actual} from {manifest.inputs.get('checkpoint')}"
@@ -384,13 +387,13 @@ def verify_hf_export(path: Path) -> str:
 
 def verify_sft(path: Path) -> str:
     """The SFT stage: a finished run whose HF export (the trainer's `<run>/hf`) is the one it recorded."""
-    from megatron_lopd.provenance import Manifest, model_fingerprint
+    from megatron_lopd.provenance import Manifest
 
     run_dir = path.parent
     detail = verify_run(run_dir)
     _hf_files(path)
     recorded = Manifest.read(run_dir, kind="run").extra.get("hf_fingerprint")
-    actual = model_fingerprint(path)
+    actual = cached_model_fingerprint(path)
     if recorded != actual:
         raise ArtifactError(f"{path}: HF export does not match the run's record ({recorded} vs {actual})", "rerun the SFT stage (it resumes and re-exports)")
     return f"{detail}, export {actual}"
@@ -446,13 +449,13 @@ def check_scoring_inputs(rollouts: str | Path, teacher: str | Path, sft_data: st
     the teacher is the model that wrote the SFT data. Raises a LopdError; returns report lines."""
     from megatron_lopd.generation.artifact import RolloutArtifact
     from megatron_lopd.generation.base import inspect_model_dir
-    from megatron_lopd.provenance import check_teacher_consistency, model_fingerprint, tokenizer_fingerprint
+    from megatron_lopd.provenance import check_teacher_consistency, tokenizer_fingerprint
 
     art = RolloutArtifact.open(rollouts, verify=True)
     if art.kind != "rollouts":
         raise ArtifactError(f"{rollouts}: is a {art.kind!r} artifact, expected 'rollouts'", "score the rollouts of the SFT model (lopd generate --record-logprobs)")
     inspect_model_dir(teacher)
-    teacher_fp = model_fingerprint(teacher)
+    teacher_fp = cached_model_fingerprint(teacher)
     lines = [f"rollouts {rollouts}: {len(art)} records by {art.generator_fingerprint}", f"teacher {teacher}: {teacher_fp}"]
     sft_generator = None
     tokenizers = {"rollouts": art.tokenizer_fingerprint, "teacher": tokenizer_fingerprint(teacher)}
@@ -463,6 +466,254 @@ def check_scoring_inputs(rollouts: str | Path, teacher: str | Path, sft_data: st
     check_teacher_consistency(store_teacher=teacher_fp, sft_data_generator=sft_generator, rollout_policy=None, start_checkpoint=None, tokenizers=tokenizers)
     lines.append("teacher consistency: " + ("ok (the SFT data's generator)" if sft_data else "not checked (no SFT data given)"))
     return lines
+
+
+# --------------------------------------------------------------------------- staleness
+# A verified output is "done" only if what it records about its making (model fingerprints,
+# prompt / data fingerprints, sampling and training settings; DESIGN section 4) matches what the
+# config asks now. Each function below returns one "field: recorded X, now Y" line per difference.
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def cached_model_fingerprint(path: str | Path) -> str:
+    """`provenance.model_fingerprint`, computed at most once per process for unchanged content
+    (keyed by the directory's files' names, sizes and mtimes): a 64 GB teacher hashes once."""
+    from megatron_lopd.provenance import model_fingerprint
+
+    path = Path(path).resolve()
+    try:
+        signature = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in path.iterdir() if e.is_file()))
+    except OSError:
+        return model_fingerprint(path)  # raises the usual one-line ArtifactError
+    key = ("model", str(path), signature)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = model_fingerprint(path)
+    return _FINGERPRINTS[key]
+
+
+def eval_data_fingerprint(path: str | Path) -> str:
+    """What `lopd eval` records as data_fingerprint."""
+    from megatron_lopd.evaluation.evaluate import load_problems, problems_fingerprint
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = ("eval", str(path), st.st_size, st.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = problems_fingerprint(load_problems(path))
+    return _FINGERPRINTS[key]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _differs(out: list[str], name: str, recorded: Any, now: Any, note: str = "") -> None:
+    """Append a difference line unless equal (1 == 1.0; a value the output did not record is not compared)."""
+    if recorded is None and now is not None and name.endswith("_fingerprint"):
+        out.append(f"{name}: not recorded, now {_short(now)}{note}")
+    elif recorded != now:
+        out.append(f"{name}: recorded {_short(recorded)}, now {_short(now)}{note}")
+
+
+def _now_or_error(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except LopdError as exc:
+        return f"<unreadable: {exc.what}>"
+    except OSError as exc:
+        return f"<unreadable: {exc}>"
+
+
+def _rollout_manifest(path: Path):
+    from megatron_lopd.generation.artifact import RolloutArtifact
+
+    return RolloutArtifact.open(path, verify=False)
+
+
+def _run_manifest(path: Path):
+    from megatron_lopd.provenance import Manifest
+
+    return Manifest.read(path, kind="run")
+
+
+def _recorded(fn: Callable[[], Any]) -> Any:
+    """A recorded value of an upstream output, or None when that output is missing or unreadable
+    (then its stage is not done, and `plan` marks this one stale for that reason)."""
+    try:
+        return fn()
+    except Exception:  # a half-written artifact can break a reader in any way
+        return None
+
+
+def generation_differences(out: Path, section: str, model_field: str, model_fp: Callable[[], Optional[str]],
+                           prompts: str, s: GenerateSettings, model_note: str = "") -> list[str]:
+    """`lopd generate` output (SFT data or rollouts) against the model, prompts and settings asked now."""
+    from megatron_lopd.generation.prompts import prompt_file_fingerprint
+
+    art = _rollout_manifest(out)
+    m = art.manifest
+    diffs: list[str] = []
+    model = model_fp()
+    if model is not None:
+        _differs(diffs, model_field, art.generator_fingerprint, model, model_note)
+    _differs(diffs, "prompts", m.inputs.get("prompts_fingerprint"), _now_or_error(lambda: prompt_file_fingerprint(prompts)), f" ({prompts})")
+    for key in ("n", "temperature", "top_p", "max_tokens", "seed"):
+        _differs(diffs, f"{section}.{key}", m.params.get(key), getattr(s, key))
+    _differs(diffs, f"{section}.thinking", m.params.get("thinking"), None if s.thinking is None else s.thinking == "on")
+    _differs(diffs, f"{section}.backend", m.producer.get("backend"), s.backend)
+    _differs(diffs, f"{section}.dtype", m.producer.get("dtype"), s.dtype)
+    return diffs
+
+
+def score_differences(store: Path, teacher: Path, rollouts: Path, s: ScoreSettings) -> list[str]:
+    """The teacher store against the teacher, the rollouts and the scoring settings asked now."""
+    from megatron_lopd.store.writer import read_meta
+
+    meta = read_meta(store)
+    prov = meta.provenance
+    diffs: list[str] = []
+    _differs(diffs, "teacher", prov.teacher_fingerprint, _now_or_error(lambda: cached_model_fingerprint(teacher)), f" ({teacher})")
+    current = _recorded(lambda: _rollout_manifest(rollouts).fingerprint)
+    if current is not None:
+        _differs(diffs, "rollouts_fingerprint", prov.rollouts_fingerprint, current)
+    _differs(diffs, "score.top_k", meta.top_k, s.top_k)
+    _differs(diffs, "score.backend", prov.engine, s.backend)
+    _differs(diffs, "score.dtype", prov.extra.get("scoring_dtype"), s.dtype)
+    return diffs
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict) or not d:
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def training_differences(run_dir: Path, section: str, config: str, overrides: Sequence[str],
+                         inputs: dict[str, Callable[[], Optional[str]]]) -> list[str]:
+    """A training run's manifest against the trainer config the pipeline would run now (the preset
+    plus overrides, resolved as `lopd train` does) and the fingerprints of its inputs. The paths
+    the pipeline sets are not compared (a copied work dir is not stale): their content is, by
+    fingerprint."""
+    from megatron_lopd.training.config import resolve_config
+
+    manifest = _run_manifest(run_dir)
+    diffs: list[str] = []
+    for key, now in inputs.items():
+        value = now()
+        if value is not None:
+            _differs(diffs, key, manifest.inputs.get(key), value)
+    try:
+        wanted = _flatten(resolve_config(config, list(overrides)).to_dict())
+    except LopdError as exc:
+        return diffs + [f"{section}: the trainer config does not resolve now ({exc.what})"]
+    recorded = _flatten(manifest.params)
+    changed = [k for k in wanted if k in recorded and recorded[k] != wanted[k] and k not in _PIPELINE_PATH_KEYS]  # keys a newer trainer added: not compared
+    for key in changed[:3]:
+        diffs.append(f"{section} {key}: recorded {_short(recorded[key])}, now {_short(wanted[key])}")
+    if len(changed) > 3:
+        diffs.append(f"(+{len(changed) - 3} more {section} settings)")
+    return diffs
+
+
+# trainer keys whose values are pipeline paths (build_stages' `_train_overrides(..., paths)`)
+_PIPELINE_PATH_KEYS = frozenset({"model.start_from", "data.store", "data.sft_data", "run_dir"})
+
+
+def _timestamp(text: Optional[str]) -> Optional[float]:
+    if not text:
+        return None
+    from datetime import datetime
+
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z").timestamp()  # Manifest / store format
+    except ValueError:
+        return None
+
+
+# Manifests' timestamps come from different nodes' clocks: allow this much skew.
+_CLOCK_SKEW_S = 120.0
+
+
+def _made_before(diffs: list[str], what: str, consumer_made: Optional[str], producer_made: Optional[str], producer: str) -> None:
+    """An input without a recorded content fingerprint: the output must be younger than the input
+    (an input rewritten after the output was made means the output is stale)."""
+    c, p = _timestamp(consumer_made), _timestamp(producer_made)
+    if c is not None and p is not None and p > c + _CLOCK_SKEW_S:
+        diffs.append(f"{what}: {producer} was rewritten ({producer_made}) after this output was made ({consumer_made})")
+
+
+def opd_differences(run_dir: Path, config: str, overrides: Sequence[str], p: "ArtifactPaths") -> list[str]:
+    """The OPD run: the trainer settings, its start checkpoint (R), the store's teacher and rollouts
+    and which scoring of them (the store's finalization time), the SFT data's generator."""
+    from megatron_lopd.store.writer import read_meta
+
+    store = _recorded(lambda: read_meta(p.store))
+    return training_differences(run_dir, "trainer", config, overrides, {
+        "start_fingerprint": lambda: _recorded(lambda: _run_manifest(p.sft_run).extra.get("hf_fingerprint")),
+        "teacher_fingerprint": lambda: store.provenance.teacher_fingerprint if store else None,
+        "rollouts_fingerprint": lambda: store.provenance.rollouts_fingerprint if store else None,
+        "store_finalized_at": lambda: store.finalized_at if store else None,
+        "sft_data_generator": lambda: _recorded(lambda: _rollout_manifest(p.sft_data).generator_fingerprint),
+    })
+
+
+def export_differences(hf_dir: Path, opd_run: Path) -> list[str]:
+    """The HF export: of the OPD run's newest checkpoint, made after that run finished."""
+    from megatron_lopd.provenance import Manifest
+    from megatron_lopd.training.checkpointing import find_latest
+
+    manifest = Manifest.read(hf_dir, kind="hf_export")
+    diffs: list[str] = []
+    latest = _recorded(lambda: find_latest(opd_run / "checkpoints"))
+    if latest is not None:
+        recorded = manifest.inputs.get("checkpoint")  # by name: a copied work dir is not stale
+        _differs(diffs, "checkpoint", Path(recorded).name if recorded else None, Path(latest).name)
+    run = _recorded(lambda: _run_manifest(opd_run))
+    if run is not None:
+        _differs(diffs, "run_inputs", manifest.inputs.get("run_inputs"), run.inputs)
+        _made_before(diffs, "opd_run", manifest.created_at, run.created_at, f"the run {opd_run}")
+    return diffs
+
+
+def eval_differences(out: Path, student: Path, data: str, e: EvalSettings) -> list[str]:
+    from megatron_lopd.evaluation.evaluate import read_results
+    from megatron_lopd.provenance import Manifest
+
+    _records, summary = read_results(out)
+    diffs: list[str] = []
+    exported = _recorded(lambda: Manifest.read(student, kind="hf_export").fingerprint)
+    if exported is not None:
+        _differs(diffs, "model_fingerprint", summary.model_fingerprint, exported)
+    _differs(diffs, "eval_data", summary.data_fingerprint, _now_or_error(lambda: eval_data_fingerprint(data)), f" ({data})")
+    for key in ("samples_per_problem", "max_tokens", "temperature", "top_p"):
+        _differs(diffs, f"eval.{key}", summary.config.get(key), getattr(e, key))
+    _differs(diffs, "eval.backend", summary.backend or summary.config.get("backend"), e.backend)
+    return diffs
+
+
+def owned_hf_export(path: Path) -> bool:
+    """True if ``path`` holds only what `lopd convert to-hf` writes (weight shards, config, index,
+    tokenizer and generation files, its manifest): a partial export may be cleared for a rerun.
+    A subdirectory, any other kind of file or another artifact's manifest proves it is not one."""
+    from megatron_lopd.provenance import MANIFEST_NAME, Manifest
+    from megatron_lopd.runtime.files import LOCK_NAME
+
+    entries = [e for e in path.iterdir() if e.name != LOCK_NAME]
+    if any(not e.is_file() or e.is_symlink() or e.suffix not in _HF_EXPORT_SUFFIXES for e in entries):
+        return False
+    if (path / MANIFEST_NAME).is_file():
+        try:
+            Manifest.read(path, kind="hf_export")
+        except LopdError:
+            return False
+    return any(e.suffix == ".safetensors" or e.name in ("config.json", MANIFEST_NAME) for e in entries)
+
+
+_HF_EXPORT_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".tmp")
 
 
 # --------------------------------------------------------------------------- stages
@@ -494,6 +745,11 @@ class Stage:
     fresh_output: bool = False
     # checks of the inputs that already exist, before the stage is run or queued (consistency)
     precheck: Optional[Callable[[], None]] = None
+    # for a verified output: how its recorded inputs and settings differ from what the config asks
+    # now, one "field: recorded X, now Y" line each (empty: up to date). See `plan`.
+    provenance: Optional[Callable[[], list[str]]] = None
+    # a partial output may be deleted before a rerun only if this proves it is the stage's own artifact
+    owns: Optional[Callable[[Path], bool]] = None
 
     @property
     def output(self) -> Path:
@@ -602,6 +858,8 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         steps=(Step(_generate_args(teacher, config.sft_prompts, p.sft_data, config.sft_data, "sft_data"), shards=config.sft_data.shards),),
         verify=verify_rollouts,
         env=config.env_for("sft_data"),
+        provenance=lambda: generation_differences(p.sft_data, "sft_data", "teacher", lambda: _now_or_error(lambda: cached_model_fingerprint(teacher)),
+                                                  config.sft_prompts, config.sft_data, f" ({teacher})"),
     )
     sft = Stage(
         "sft",
@@ -611,6 +869,10 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         verify=verify_sft,
         env=config.env_for("sft"),
         producers={"sft_data": "sft_data"},
+        provenance=lambda: training_differences(p.sft_run, "sft", config.sft.config, sft_overrides, {
+            "start_fingerprint": lambda: _now_or_error(lambda: cached_model_fingerprint(base)),
+            "sft_data_fingerprint": lambda: _recorded(lambda: _rollout_manifest(p.sft_data).fingerprint),
+        }),
     )
     rollouts = Stage(
         "rollouts",
@@ -620,6 +882,8 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         verify=verify_rollouts,
         env=config.env_for("rollouts"),
         producers={"sft_model": "sft"},
+        provenance=lambda: generation_differences(p.rollouts, "rollouts", "sft_model", lambda: _recorded(lambda: _run_manifest(p.sft_run).extra.get("hf_fingerprint")),
+                                                  config.opd_prompts, config.rollouts),
     )
     score = Stage(
         "score",
@@ -630,6 +894,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         env=config.env_for("score"),
         producers={"rollouts": "rollouts"},
         precheck=lambda: check_teacher_wrote_sft_data(teacher, p.sft_data),
+        provenance=lambda: score_differences(p.store, teacher, p.rollouts, config.score),
     )
     train = Stage(
         "train",
@@ -640,6 +905,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         env=config.env_for("train"),
         producers={"sft_model": "sft", "store": "score", "sft_data": "sft_data"},
         precheck=lambda: _precheck_training(config.trainer, opd_overrides, [sft_data, sft, score]),
+        provenance=lambda: opd_differences(p.opd_run, config.trainer.config, opd_overrides, p),
     )
     export = Stage(
         "export",
@@ -651,6 +917,8 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         env=config.env_for("export"),
         producers={"opd_run": "train"},
         fresh_output=True,
+        owns=owned_hf_export,
+        provenance=lambda: export_differences(p.student_model, p.opd_run),
     )
     stages = [sft_data, sft, rollouts, score, train, export]
     if config.eval_data:
@@ -666,6 +934,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
                 verify=verify_eval,
                 env=config.env_for("eval"),
                 producers={"student_model": "export"},
+                provenance=lambda: eval_differences(p.eval, p.student_model, str(config.eval_data), e),
             )
         )
     return stages
@@ -693,44 +962,199 @@ def select_stages(stages: list[Stage], names: Sequence[str] | str | None) -> lis
     return [s for s in stages if s.name in names]
 
 
-def check_inputs(stages: list[Stage], selected: list[Stage]) -> list[Stage]:
-    """Before anything runs or waits in a queue: external inputs exist, every input produced by
-    a stage outside this run verifies, and the consistency checks of the inputs that exist
-    already pass. Returns the selected stages that are not done yet."""
+@dataclass
+class StageState:
+    """A stage's output now: "done" (verifies and matches the config), "stale" (verifies, but was
+    made from other inputs or settings; `reasons` says which) or "pending" (missing or broken)."""
+
+    name: str
+    status: str
+    detail: str = ""
+    reasons: list[str] = field(default_factory=list)
+
+
+def stage_state(stage: Stage, producers: dict[str, StageState]) -> StageState:
+    """Verify the output, then compare its recorded provenance with the config. A stage whose
+    producer is stale, or must run again, is stale too: its output was made from what gets replaced."""
+    try:
+        detail = stage.check()
+    except LopdError as exc:
+        return StageState(stage.name, "pending", exc.what)
+    except Exception as exc:  # a half-written artifact can break a reader in any way
+        return StageState(stage.name, "pending", f"{type(exc).__name__}: {exc}")
+    reasons = []
+    upstream = {p: producers[p].status for p in dict.fromkeys(stage.producers.values()) if p in producers}
+    stale = [p for p, st in upstream.items() if st == "stale"]
+    pending = [p for p, st in upstream.items() if st == "pending"]
+    if stale:
+        reasons.append(f"upstream {'stage' if len(stale) == 1 else 'stages'} {', '.join(stale)} {'is' if len(stale) == 1 else 'are'} stale")
+    if pending:
+        reasons.append(f"its input from {', '.join(pending)} is not done (it will be remade)")
+    if stage.provenance is not None:
+        try:
+            reasons += stage.provenance()
+        except LopdError as exc:
+            reasons.append(f"its provenance cannot be read: {exc.what}")
+        except Exception as exc:
+            reasons.append(f"its provenance cannot be read: {type(exc).__name__}: {exc}")
+    if reasons:
+        return StageState(stage.name, "stale", detail, list(dict.fromkeys(reasons)))
+    return StageState(stage.name, "done", detail)
+
+
+def stage_states(stages: list[Stage], names: Optional[set[str]] = None) -> dict[str, StageState]:
+    """States of the named stages (default: all) and of every stage upstream of them, in order."""
     by_name = {s.name: s for s in stages}
+    wanted = set(by_name) if names is None else set(names)
+    for stage in reversed(stages):  # add the producers' producers
+        if stage.name in wanted:
+            wanted.update(stage.producers.values())
+    states: dict[str, StageState] = {}
+    for stage in stages:
+        if stage.name in wanted:
+            states[stage.name] = stage_state(stage, states)
+    return states
+
+
+def downstream(stages: list[Stage], names: set[str]) -> set[str]:
+    """The named stages and every stage that consumes their outputs, directly or not."""
+    out = set(names)
+    for stage in stages:
+        if set(stage.producers.values()) & out:
+            out.add(stage.name)
+    return out
+
+
+class StaleError(ConfigError):
+    """Finished outputs were made from other inputs or settings than the config asks now.
+    `lines`: one line per stale stage with its differences."""
+
+    def __init__(self, what: str, fix: str | None = None, states: Optional[dict[str, "StageState"]] = None):
+        super().__init__(what, fix)
+        self.lines = [f"  {n}: {'; '.join(st.reasons)}" for n, st in (states or {}).items() if st.status == "stale"]
+
+
+@dataclass
+class Plan:
+    """What a run does: `todo` the selected stages to run (pending, or stale with --rerun-stale),
+    `states` each stage's state, `stale` the stale outputs a rerun sets aside first."""
+
+    todo: list[Stage]
+    states: dict[str, StageState]
+    stale: list[Stage]
+
+    def stale_lines(self) -> list[str]:
+        return [f"  {s.name}: stale: {'; '.join(self.states[s.name].reasons)}" for s in self.stale]
+
+
+def plan(stages: list[Stage], selected: list[Stage], *, rerun_stale: bool = False) -> Plan:
+    """Before anything runs or waits in a queue: external inputs exist, every input produced by a
+    stage outside this run is done (verifies and matches the config), no selected output is stale
+    (or, with `rerun_stale`, every stale output and all that depends on it is part of this run), and
+    the consistency checks of the inputs that stay pass. Raises a LopdError; nothing is changed."""
     running = {s.name for s in selected}
     for stage in selected:
         for key, path in stage.inputs.items():
+            if stage.producers.get(key) is None and not path.exists():
+                raise ArtifactError(f"stage {stage.name}: input {key} {path} does not exist", f"fix the {key} path in the pipeline config")
+    names = downstream(stages, running) if rerun_stale else running
+    states = stage_states(stages, names)
+    for stage in selected:
+        for key, path in stage.inputs.items():
             producer = stage.producers.get(key)
-            if producer is None:
-                if not path.exists():
-                    raise ArtifactError(f"stage {stage.name}: input {key} {path} does not exist", f"fix the {key} path in the pipeline config")
-            elif producer not in running:
-                try:
-                    by_name[producer].check()
-                except LopdError as exc:
-                    raise ArtifactError(
-                        f"stage {stage.name} needs {key} ({path}) from stage {producer}, which is not done: {exc.what}",
-                        f"run stage {producer} first (or the whole pipeline)",
-                    ) from None
-    pending = [s for s in selected if not s.is_done()]
-    for stage in pending:
-        if stage.precheck is not None:
+            if producer is None or producer in running:
+                continue
+            state = states[producer]
+            if state.status == "pending":
+                raise ArtifactError(
+                    f"stage {stage.name} needs {key} ({path}) from stage {producer}, which is not done: {state.detail}",
+                    f"run stage {producer} first (or the whole pipeline)",
+                )
+            if state.status == "stale":
+                raise StaleError(
+                    f"stage {stage.name} needs {key} ({path}) from stage {producer}, which is stale: {'; '.join(state.reasons)}",
+                    f"rerun stage {producer} too (--stages {producer},{stage.name} --rerun-stale), or restore the config it was made with",
+                    states,
+                )
+    stale = [s for s in stages if states.get(s.name) is not None and states[s.name].status == "stale"]
+    if stale and not rerun_stale:
+        selected_stale = [s for s in stale if s.name in running]
+        if selected_stale:
+            first = selected_stale[0]
+            raise StaleError(
+                f"{len(selected_stale)} stage(s) are stale ({', '.join(s.name for s in selected_stale)}): their outputs were made "
+                f"from other inputs or settings than this config asks; {first.name}: {'; '.join(states[first.name].reasons)}",
+                "`lopd pipeline status` lists every difference; rerun them with --rerun-stale (each stale output is moved "
+                "to <dir>.stale-<time>, nothing is deleted), restore the old config, or use another work_dir",
+                states,
+            )
+        stale = []
+    outside = [s.name for s in stale if s.name not in running]
+    if outside:
+        raise StaleError(
+            f"rerunning {', '.join(s.name for s in stale if s.name in running)} makes the finished outputs of "
+            f"{', '.join(outside)} stale, which are not selected",
+            "select them too (or all stages), so that each output matches its inputs",
+            states,
+        )
+    todo = [s for s in selected if states[s.name].status != "done"]
+    rerun = {s.name for s in stale}
+    for stage in todo:
+        upstream = _upstream(stages, stage)
+        if stage.precheck is not None and not (upstream & rerun):  # inputs that are remade are checked when they are
             stage.precheck()
-    return pending
+    return Plan(todo, states, stale)
+
+
+def _upstream(stages: list[Stage], stage: Stage) -> set[str]:
+    by_name = {s.name: s for s in stages}
+    out: set[str] = set()
+    todo = list(stage.producers.values())
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo += list(by_name[name].producers.values())
+    return out
+
+
+def check_inputs(stages: list[Stage], selected: list[Stage], *, rerun_stale: bool = False) -> list[Stage]:
+    """`plan(...)`'s stages to run: the selected stages that are not done."""
+    return plan(stages, selected, rerun_stale=rerun_stale).todo
+
+
+def set_aside(stages: Sequence[Stage], echo: Callable[[str], None] = print) -> list[Path]:
+    """Move each stale stage's output directory to `<dir>.stale-<time>` (a rerun starts clean;
+    nothing is deleted). Returns the new paths."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for stage in stages:
+        paths = list(stage.outputs.values())
+        roots = [q for q in paths if not any(q != r and r in q.parents for r in paths)]
+        for path in roots:
+            if not path.exists() and not path.is_symlink():
+                continue
+            target = path.with_name(f"{path.name}.stale-{stamp}")
+            n = 1
+            while target.exists():
+                target, n = path.with_name(f"{path.name}.stale-{stamp}.{n}"), n + 1
+            path.rename(target)
+            echo(f"[pipeline] {stage.name}: stale output moved to {target}")
+            moved.append(target)
+    return moved
 
 
 def check_teacher_wrote_sft_data(teacher: Path, sft_data: Path) -> None:
     """Finished SFT data is skipped on a rerun: if the config's teacher changed since, scoring with
     it would break teacher consistency. Compare content fingerprints before anything runs."""
     from megatron_lopd.generation.artifact import RolloutArtifact
-    from megatron_lopd.provenance import check_teacher_consistency, model_fingerprint
+    from megatron_lopd.provenance import check_teacher_consistency
 
     try:
         generator = RolloutArtifact.open(sft_data, verify=False).generator_fingerprint
     except LopdError:
         return  # not written yet: this run writes it with this teacher
-    check_teacher_consistency(store_teacher=model_fingerprint(teacher), sft_data_generator=generator,
+    check_teacher_consistency(store_teacher=cached_model_fingerprint(teacher), sft_data_generator=generator,
                               rollout_policy=None, start_checkpoint=None, tokenizers={})
 
 
@@ -792,7 +1216,7 @@ def slurm_node_topology() -> tuple[int, str, int]:
 @dataclass
 class StageResult:
     name: str
-    status: str  # "done" (ran now), "skipped" (already done), "failed", "cancelled"
+    status: str  # "done" (ran now / verifies), "skipped" (already done), "failed", "cancelled"; status(): "stale", "pending"
     detail: str = ""
     seconds: float = 0.0
 
@@ -815,8 +1239,12 @@ def run_stage(stage: Stage, log_dir: Path | None = None, echo: Callable[[str], N
         )
     node_rank, master_addr, master_port = slurm_node_topology() if stage.uses_torchrun() else (0, "127.0.0.1", 29500)
     if stage.fresh_output and stage.output.exists():
+        from megatron_lopd.runtime.files import remove_owned_dir
+
+        if stage.owns is None:
+            raise ArtifactError(f"stage {stage.name}: {stage.output} exists and is not a finished output", f"move it away, then rerun stage {stage.name}")
         echo(f"[pipeline] {stage.name}: removing the unfinished output {stage.output}")
-        shutil.rmtree(stage.output)
+        remove_owned_dir(stage.output, stage.owns, "partial HF export", flag=f"stage {stage.name}")
     environ = stage_environ(stage.env)
     t0 = time.monotonic()
     for argv in stage.commands(node_rank, master_addr, master_port):
@@ -844,8 +1272,13 @@ def run_stage(stage: Stage, log_dir: Path | None = None, echo: Callable[[str], N
     return StageResult(stage.name, "done", detail, seconds)
 
 
-def run_local(config: PipelineConfig, stages: Sequence[str] | str | None = None, *, log_dir: Path | None = None, echo: Callable[[str], None] = print) -> list[StageResult]:
+def run_local(config: PipelineConfig, stages: Sequence[str] | str | None = None, *, log_dir: Path | None = None,
+              echo: Callable[[str], None] = print, rerun_stale: bool = False) -> list[StageResult]:
     """Run the selected stages (default: all) in order as subprocesses, skipping finished ones.
+
+    A finished output made from other inputs or settings than `config` asks (stale) is refused,
+    or with `rerun_stale` moved aside and made again with everything downstream of it. The
+    config is recorded in `<work_dir>/pipeline.json` only once these checks passed.
 
     Stops at the first failure: later stages are reported "cancelled" and `StageFailed`
     is raised after the summary is printed.
@@ -853,7 +1286,12 @@ def run_local(config: PipelineConfig, stages: Sequence[str] | str | None = None,
     config = config.absolute()
     all_stages = build_stages(config)
     selected = select_stages(all_stages, stages)
-    check_inputs(all_stages, selected)  # finished stages are reported as skipped below
+    try:
+        todo = plan(all_stages, selected, rerun_stale=rerun_stale)
+    except StaleError as exc:
+        echo("[pipeline] stale outputs (what they record vs what this config asks):\n" + "\n".join(exc.lines))
+        raise
+    set_aside(todo.stale, echo)
     config.save(Path(config.work_dir) / CONFIG_NAME)
     results: list[StageResult] = []
     for i, stage in enumerate(selected):
@@ -869,15 +1307,13 @@ def run_local(config: PipelineConfig, stages: Sequence[str] | str | None = None,
 
 
 def status(config: PipelineConfig) -> list[StageResult]:
-    """Which stages are done (output verifies) and which are pending, with the reason."""
+    """Each stage: "done" (output verifies and matches the config), "stale" (verifies, but its
+    recorded inputs or settings differ from the config: the differences) or "pending" (why)."""
+    config = config.absolute()
     out = []
-    for stage in build_stages(config):
-        try:
-            out.append(StageResult(stage.name, "done", stage.check()))
-        except LopdError as exc:
-            out.append(StageResult(stage.name, "pending", exc.what))
-        except Exception as exc:
-            out.append(StageResult(stage.name, "pending", f"{type(exc).__name__}: {exc}"))
+    for name, state in stage_states(build_stages(config)).items():
+        detail = "; ".join(state.reasons) if state.status == "stale" else state.detail
+        out.append(StageResult(name, state.status, detail))
     return out
 
 

@@ -15,17 +15,25 @@ The command exits non-zero when a stage fails (nemo-run's own CLI exits 0 then).
 anything is submitted it checks the inputs (external paths exist, stages that are not
 part of this run are done), the SLURM account and partition (`sinfo`) and whether SLURM
 can ever schedule each job (`sbatch --test-only`), so bad input fails before it waits in
-a queue.
+a queue. A finished output made from other inputs or settings than the config asks (another
+teacher, temperature, top_k, trainer override, prompt file...) is stale: refused at submit time,
+or with `rerun_stale=true` moved to `<dir>.stale-<time>` and made again with everything
+downstream of it. Bad arguments are refused in one line; `--dryrun` never asks to confirm.
 """
 
 
+import dataclasses
+import difflib
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import nemo_run as run
 
@@ -38,13 +46,16 @@ from megatron_lopd.pipeline import (
     ScoreSettings,
     Stage,
     StageEnvs,
+    StaleError,
     TrainSettings,
     build_stages,
-    check_inputs,
     format_results,
     lopd_command,
+    plan,
     run_local,
     select_stages,
+    set_aside,
+    stage_states,
     status as pipeline_status,
 )
 
@@ -100,15 +111,19 @@ def lightning_opd(
     envs: StageEnvs = StageEnvs(),
     stages: str = "all",
     title: str = "lightning_opd",
+    rerun_stale: bool = False,
 ) -> None:
-    """Run the pipeline (or `stages=a,b`) with `run.executor` (none: in this process)."""
+    """Run the pipeline (or `stages=a,b`) with `run.executor` (none: in this process).
+    `rerun_stale=true`: finished outputs made from other inputs or settings than this config
+    asks are moved to `<dir>.stale-<time>` and made again (default: refuse)."""
     config = PipelineConfig(
         work_dir=work_dir, teacher=teacher, base_student=base_student, sft_prompts=sft_prompts, opd_prompts=opd_prompts,
         eval_data=eval_data, sft_data=sft_data, sft=sft, rollouts=rollouts, score=score, trainer=trainer, eval=eval, envs=envs,
     )
     executor = getattr(ctx, "executor", None)
     try:
-        rc = launch(config, stages, executor, title=title, dryrun=ctx.dryrun, detach=ctx.detach, tail_logs=ctx.tail_logs)
+        rc = launch(config, stages, executor, title=title, dryrun=ctx.dryrun, detach=ctx.detach, tail_logs=ctx.tail_logs,
+                    rerun_stale=rerun_stale)
     except LopdError as exc:
         print(f"lightning_opd: error: {exc}", file=sys.stderr, flush=True)
         rc = exc.exit_code
@@ -126,18 +141,28 @@ def launch(
     dryrun: bool = False,
     detach: bool = False,
     tail_logs: bool = False,
+    rerun_stale: bool = False,
 ) -> int:
-    """Check everything that can be checked before a queue, then run or submit. Returns the exit code."""
+    """Check everything that can be checked before a queue, then run or submit. Returns the exit code.
+
+    Stale outputs (made from other inputs or settings than `config` asks) are refused here, at
+    submit time, or with `rerun_stale` moved aside before the jobs are queued, so that every job
+    finds its stage pending. `pipeline.json` is written only after these checks passed."""
     config = config.absolute()  # jobs start in their own directories
     all_stages = build_stages(config)
     selected = select_stages(all_stages, stages)
+    stale: list[Stage] = []
     try:
-        pending = check_inputs(all_stages, selected)
+        checked = plan(all_stages, selected, rerun_stale=rerun_stale)
+        pending, stale = checked.todo, checked.stale
     except LopdError as exc:
+        if isinstance(exc, StaleError) and exc.lines:
+            print("[lightning_opd] stale outputs (what they record vs what this config asks):\n" + "\n".join(exc.lines), flush=True)
         if not dryrun:
             raise
         print(f"[lightning_opd] warning (dry run): {exc}")
-        pending = [s for s in selected if not s.is_done()]
+        states = stage_states(all_stages, {s.name for s in selected})
+        pending = [s for s in selected if states[s.name].status != "done"]
     todo = {s.name for s in pending}
     for s in selected:
         if s.name not in todo:
@@ -145,16 +170,19 @@ def launch(
     if not pending:
         print("[lightning_opd] nothing to do: every selected stage is done")
         return 0
+    if stale:
+        print(f"[lightning_opd] stale, made again: {', '.join(s.name for s in stale)}" + (" (dry run: nothing is moved)" if dryrun else ""))
     if executor is None:
         if dryrun:
             _print_plan(pending)
             return 0
-        run_local(config, [s.name for s in pending])
+        run_local(config, [s.name for s in pending], rerun_stale=rerun_stale)
         return 0
     if isinstance(executor, run.SlurmExecutor):
         slurm_preflight(executor, pending)
     config_path = Path(config.work_dir) / CONFIG_NAME
     if not dryrun:
+        set_aside(stale, print)  # the jobs then find their stages pending
         config.save(config_path)
 
     with run.Experiment(title, executor=executor, log_level="WARN") as exp:
@@ -275,7 +303,7 @@ def pipeline_config(recipe: run.Partial) -> PipelineConfig:
     import fiddle as fdl
 
     kwargs = dict(fdl.build(recipe).keywords)
-    for key in ("ctx", "stages", "title"):
+    for key in ("ctx", "stages", "title", "rerun_stale"):
         kwargs.pop(key, None)
     return PipelineConfig(**kwargs)
 
@@ -364,18 +392,136 @@ def tiny() -> run.Partial:
     )
 
 
+FACTORIES = {"qwen3_8b": qwen3_8b, "qwen3_4b": qwen3_4b, "qwen3_30b_a3b": qwen3_30b_a3b, "tiny": tiny}
+# nemo-run options that take a value (the next argument)
+_VALUE_OPTIONS = {"--name", "-n", "--factory", "-f", "--load", "-l", "--yaml", "--rich-theme", "--to-yaml", "--to-toml", "--to-json"}
+_OVERRIDE = re.compile(r"^([A-Za-z_][\w.]*)(\+=|-=|\*=|/=|\|=|&=|=)(.*)$", re.S)
+_SCALAR_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    """The closest matches (difflib), among the word's siblings (same section) first."""
+    parent = word.rpartition(".")[0]
+    siblings = [c for c in choices if c.rpartition(".")[0] == parent]
+    for pool in (siblings, choices):
+        scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in pool), reverse=True)
+        if scored and scored[0][0] >= 0.6:
+            close = [c for r, c in scored[:3] if r >= max(0.6, scored[0][0] - 0.1)]
+            return f" (did you mean {' or '.join(close)}?)"
+    return ""
+
+
+def _parameter_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(lightning_opd.__wrapped__ if hasattr(lightning_opd, "__wrapped__") else lightning_opd)
+    return {k: v for k, v in hints.items() if k not in ("ctx", "return")}
+
+
+def _all_keys(types: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for name, hint in types.items():
+        out.append(prefix + name)
+        if dataclasses.is_dataclass(hint):
+            out += _all_keys(typing.get_type_hints(hint), f"{prefix}{name}.")
+    return out
+
+
+def _optional_inner(hint: Any) -> tuple[Any, bool]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return hint, False
+
+
+def check_arguments(argv: list[str]) -> None:
+    """The recipe's own arguments, each refused in one line before nemo-run parses them (its
+    parser prints pages and exits 0): an unknown factory lists the factories, an unknown key
+    suggests the close ones, a value that is not of the key's type names the key and the type.
+    `run.*` arguments (executor, plugins) are left to nemo-run."""
+    from nemo_run.cli.cli_parser import parse_value
+
+    overrides, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, _, value = arg.partition("=")
+        if arg in _VALUE_OPTIONS or (name in _VALUE_OPTIONS and value):
+            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+            if name in ("--factory", "-f"):
+                factory = value.split("(", 1)[0]
+                if factory not in FACTORIES:
+                    raise ConfigError(f"unknown factory {factory!r}{_did_you_mean(factory, list(FACTORIES))}",
+                                      f"use --factory with one of: {', '.join(FACTORIES)}")
+            i += 1 if arg not in _VALUE_OPTIONS else 2
+            continue
+        if not arg.startswith("-") and _OVERRIDE.match(arg):
+            overrides.append(arg)
+        i += 1
+    params = _parameter_types()
+    keys = _all_keys(params)
+    for arg in overrides:
+        key, op, value = _OVERRIDE.match(arg).groups()
+        if key.split(".", 1)[0] == "run":
+            continue
+        hint: Any = None
+        scope: dict[str, Any] = params
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            if part not in scope:
+                raise ConfigError(f"unknown key {key!r} in {arg!r}{_did_you_mean(key, keys)}",
+                                  "see --help; every pipeline config field is a key, e.g. trainer.lr=1e-6, sft_data.temperature=0.7")
+            hint = scope[part]
+            inner, _ = _optional_inner(hint)
+            if dataclasses.is_dataclass(inner):
+                scope = typing.get_type_hints(inner)
+            elif depth < len(parts) - 1:
+                if typing.get_origin(inner) is dict or inner is dict:
+                    hint = None  # a key inside a dict field (envs.train.env.X, trainer.overrides.x): free-form
+                    break
+                raise ConfigError(f"unknown key {key!r} in {arg!r}: {'.'.join(parts[:depth + 1])} has no fields", "see --help for the keys")
+        inner, optional = _optional_inner(hint)
+        if op != "=" or inner not in _SCALAR_NAMES:
+            continue
+        if optional and value.strip().lower() in ("none", "null"):
+            continue
+        try:
+            parse_value(value, inner)
+        except Exception:  # nemo-run's own parser refuses it: say so in one line
+            raise ConfigError(f"bad value for {key}: {value!r} is not {_SCALAR_NAMES[inner]}{' (or None)' if optional else ''}",
+                              f"write {key}=VALUE with VALUE {_SCALAR_NAMES[inner]}") from None
+
+
+def _confirmed(args: list[str]) -> bool:
+    return any(a in ("--yes", "--no-confirm") for a in args)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """`run.cli.main(lightning_opd)` with an exit code: nemo-run's own main drops the code of its
-    argument and parsing errors (it prints them and exits 0)."""
+    argument and parsing errors (it prints them and exits 0). Arguments are checked first (one
+    line each); `--dryrun` never asks for confirmation, and without a terminal a run needs --yes
+    (nemo-run would fail with an empty "Unexpected error:")."""
     import typer
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a in ("--help", "-h") for a in args):
+        try:
+            check_arguments(args)
+            exporting = any(a.split("=", 1)[0] in ("--to-yaml", "--to-toml", "--to-json") for a in args)
+            if "--dryrun" in args and not _confirmed(args):
+                args.append("--yes")  # a dry run submits and writes nothing: nothing to confirm
+            elif not _confirmed(args) and not exporting and (sys.stdin is None or not sys.stdin.isatty()):
+                raise ConfigError("no terminal to confirm the launch on (stdin is not a terminal)",
+                                  "pass --yes to launch without confirmation, or --dryrun to see the plan")
+        except LopdError as exc:
+            print(f"lightning_opd: error: {exc}", file=sys.stderr, flush=True)
+            return exc.exit_code
     entry = lightning_opd.cli_entrypoint
     if not hasattr(entry, "_add_command"):  # another nemo-run version: its own main, exit code from SystemExit
+        sys.argv[1:] = args
         run.cli.main(lightning_opd)
         return 0
     app = typer.Typer(help=entry.help_str, pretty_exceptions_enable=False)
     entry._add_command(app, is_main=True)
-    rc = app(args=argv, standalone_mode=False)
+    rc = app(args=args, standalone_mode=False)
     return rc if isinstance(rc, int) else 0
 
 

@@ -3,6 +3,10 @@
     lopd eval --model HF_DIR --data aime24.jsonl --out runs/eval/aime24 -k 64 --max-tokens 32768
     lopd eval ... --shard 0/4     # one of 4 processes (GPUs, SLURM tasks); the last one merges
     lopd eval --merge runs/eval/aime24   # merge shard outputs explicitly
+
+Samples are committed to DIR/progress/ every --batch-samples samples: rerunning the same
+command after a crash resumes there; other settings into the same --out are refused
+(--overwrite discards the earlier results).
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ def register(subparsers) -> None:
     p.add_argument("--prompt-template", default="{problem}", help="user message for `problem` lines; 'math' = the step-by-step \\boxed{} instruction")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--shard", default="0/1", help="I/N: evaluate problems I, I+N, ... (0-based); the last shard to finish merges")
-    p.add_argument("--batch-samples", type=int, default=4096, help="samples per generate call (progress granularity)")
+    p.add_argument("--batch-samples", type=int, default=4096,
+                   help="samples per generate call, committed to --out as each finishes: what a crash can lose (default 4096)")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out (by default a rerun resumes, and other settings are refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_handle)
 
@@ -72,7 +78,8 @@ def _handle(args) -> int:
         max_model_len=args.max_model_len,
         batch_samples=args.batch_samples,
     )
-    summary = run_eval(args.model, args.data, args.out, config=config, shard=Shard.parse(args.shard), progress=not args.no_progress)
+    summary = run_eval(args.model, args.data, args.out, config=config, shard=Shard.parse(args.shard), progress=not args.no_progress,
+                       overwrite=args.overwrite)
     label = f"eval {args.out}" if summary.shard is None else f"eval {args.out} shard {args.shard} (merged when all finish)"
     print(summary.console_line(label), flush=True)
     return 0

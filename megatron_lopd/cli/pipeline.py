@@ -13,10 +13,15 @@ def register(subparsers) -> None:
     run.add_argument("--config", required=True, help="pipeline config file (.json, .toml, .yaml)")
     run.add_argument("--stages", default="all", help="comma-separated stage names, or 'all' (default)")
     run.add_argument("--log-dir", default=None, help="write each stage's output to LOG_DIR/<stage>.log")
+    run.add_argument(
+        "--rerun-stale", action="store_true",
+        help="a finished output made from other inputs or settings than the config asks (see `status`) is moved to "
+             "<dir>.stale-<time> and made again, with every stage downstream of it (default: refuse)")
     run.add_argument("overrides", nargs="*", help="section.key=value, e.g. trainer.lr=1e-6")
     run.set_defaults(handler=_run)
 
-    status = sub.add_parser("status", help="which stages are done (their output verifies)")
+    status = sub.add_parser(
+        "status", help="which stages are done (output verifies and matches the config), stale (what differs) or pending; exit 3 unless all done")
     status.add_argument("--config", required=True)
     status.add_argument("overrides", nargs="*")
     status.set_defaults(handler=_status)
@@ -43,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
     from megatron_lopd.pipeline import PipelineConfig, run_local
 
     config = PipelineConfig.load(args.config, args.overrides)
-    run_local(config, args.stages, log_dir=Path(args.log_dir) if args.log_dir else None)
+    run_local(config, args.stages, log_dir=Path(args.log_dir) if args.log_dir else None, rerun_stale=args.rerun_stale)
     return 0
 
 

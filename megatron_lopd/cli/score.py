@@ -46,5 +46,6 @@ def _run(args: argparse.Namespace) -> int:
     r = score_to_store(cfg)
     rate = f", {r.tokens_scored / r.seconds:,.0f} tok/s" if r.tokens_scored else ""
     state = "complete" if r.complete else "not finalized yet (run `lopd score --out STORE --finalize` after all workers)"
-    print(f"teacher store {r.out}: {r.shards_written} shards scored ({r.tokens_scored:,} tokens in {r.seconds:.1f} s{rate}); {state}")
+    skipped = f", {r.shards_skipped} skipped (held by another scorer)" if r.shards_skipped else ""
+    print(f"teacher store {r.out}: {r.shards_written} shards scored{skipped} ({r.tokens_scored:,} tokens in {r.seconds:.1f} s{rate}); {state}")
     return 0

@@ -1,6 +1,9 @@
 """`lopd store`: inspect, verify and finalize teacher stores.
 
-    lopd store inspect PATH [--json]   sequences, tokens, k, bytes/token, provenance, complete
+    lopd store inspect PATH [--json]   sequences, tokens, k, bytes/token, provenance, complete;
+                                       exit 1 if a done marker, shard directory or file is missing
+    lopd store check PATH              fast: markers, files, sizes, crc32c of every chunk
+                                       (no decoding); exit 0 only if all good
     lopd store verify PATH [--json]    reads every shard; exit 0 only if every check passes,
                                        otherwise prints the first problem and exits 1
     lopd store finalize PATH           after all scoring workers exited: check, consolidate,
@@ -20,6 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=_inspect)
+    p = sub.add_parser("check", help="fast: markers, files, sizes and the crc32c of every chunk (no decoding)")
+    p.add_argument("path")
+    p.add_argument("--no-checksums", action="store_true", help="markers, files and sizes only")
+    p.set_defaults(handler=_check)
     p = sub.add_parser("verify", help="read every shard and check markers and checksums (exit 0 only if all good)")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -37,10 +44,15 @@ def _inspect(args: argparse.Namespace) -> int:
     summary = inspect_store(args.path)
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2, sort_keys=True))
-        return 0
+        return 1 if summary.problems else 0
     prov = summary.provenance
     print(f"teacher store  {summary.path}")
-    print(f"complete       {'yes' if summary.complete else 'no'} ({summary.shards_done}/{summary.num_shards} shards done)")
+    if summary.problems:
+        shown = "; ".join(summary.problems[:3]) + (f" (+{len(summary.problems) - 3} more)" if len(summary.problems) > 3 else "")
+        print(f"complete       no: DAMAGED ({summary.shards_done}/{summary.num_shards} shards present): {shown} "
+              "(fix: delete the named shards' markers and rerun `lopd score` on this store, or rescore with --overwrite)")
+    else:
+        print(f"complete       {'yes' if summary.complete else 'no'} ({summary.shards_done}/{summary.num_shards} shards done)")
     print(f"schema         v{summary.schema_version}")
     print(f"sequences      {summary.num_sequences}")
     print(f"tokens         {summary.response_tokens} response, {summary.prompt_tokens} prompt")
@@ -52,6 +64,15 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"{key:<30} {prov.get(key)}")
     if prov.get("extra"):
         print(f"{'extra':<30} {json.dumps(prov['extra'], sort_keys=True)}")
+    return 1 if summary.problems else 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from megatron_lopd.store import check_store_files
+
+    stats = check_store_files(args.path, checksums=not args.no_checksums)
+    print(f"OK {args.path}: {stats.shards} shards, {stats.files} files, {stats.chunks} chunk checksums, "
+          f"{stats.bytes_read} bytes read in {stats.seconds:.2f} s")
     return 0
 
 

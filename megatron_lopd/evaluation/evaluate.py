@@ -11,7 +11,18 @@ Output directory:
 With `shard=Shard(i, n)` a process evaluates problems i, i+n, i+2n, ... and writes
 `DIR/shard-0000i-of-0000n/`; when the last shard is done, the shards are merged into
 `DIR/` (or explicitly with `merge_shards(DIR)`). Sampling seeds depend on the global
-problem index only, so the merged result equals an unsharded run's.
+problem index and the sample index only, so the merged result equals an unsharded run's.
+
+Long runs write as they go: the output directory is checked writable and locked (one
+writer; `.lopd.lock`) before the model is loaded, and every generate call's samples
+(`batch_samples` of them) are committed to `progress/batch-NNNNNN.jsonl`, each file
+written atomically and fsynced, beside `progress/settings.json` (model and data
+fingerprints, every setting that changes results). A rerun with the same settings
+resumes: finished problems are not sampled again and the final files equal an
+uninterrupted run's (timing aside); `progress/` is removed once summary.json is written,
+and a rerun of a finished evaluation returns it without loading the model. A rerun with
+other settings is refused naming what differs; `overwrite=True` (`--overwrite`)
+discards the earlier results instead.
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,9 +41,13 @@ from typing import Any, Iterable, Sequence
 from megatron_lopd.errors import ArtifactError, ConfigError, ConsistencyError
 from megatron_lopd.evaluation.graders import GRADERS, Grader, grade_response, make_grader, strip_thinking
 from megatron_lopd.evaluation.metrics import mean_pass_at_k, report_ks
+from megatron_lopd.runtime.files import LOCK_NAME, OutputLock, atomic_write, check_writable_dir, os_error_fix, os_error_reason
 
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
+MANIFEST_FILE = "manifest.json"
+PROGRESS_DIR = "progress"  # committed batches of an unfinished run
+SETTINGS_FILE = "settings.json"
 PROBLEM_PLACEHOLDER = "{problem}"
 # The instruction Qwen3 and most reasoning-model evaluations append to math problems.
 MATH_PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -38,6 +55,8 @@ MATH_PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your fina
 
 # Config fields that do not change results: runs differing only in these are equivalent.
 _RUNTIME_ONLY = ("batch_samples", "backend", "tensor_parallel")
+# What a resumed run may change: not the backend, whose samplers differ at temperature > 0.
+_RESUME_FREE = ("batch_samples", "tensor_parallel")
 
 
 @dataclass(frozen=True)
@@ -339,10 +358,13 @@ def summarize(records: Sequence[dict[str, Any]], *, samples_per_problem: int, **
 # Files
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _output_error(exc: OSError, kept: str | None = None) -> ArtifactError:
+    """An OSError while writing results as one line naming the path and the fix."""
+    where = exc.filename if exc.filename is not None else "the output directory"
+    fix = os_error_fix(exc)
+    if kept:
+        fix += f"; {kept}"
+    return ArtifactError(f"{where}: {os_error_reason(exc)}", fix)
 
 
 def write_results(out_dir: str | Path, records: Iterable[dict[str, Any]], summary: EvalSummary) -> Path:
@@ -350,8 +372,8 @@ def write_results(out_dir: str | Path, records: Iterable[dict[str, Any]], summar
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
-    _atomic_write(out_dir / SAMPLES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _atomic_write(out_dir / SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2) + "\n")
+    atomic_write(out_dir / SAMPLES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), fsync=True)
+    atomic_write(out_dir / SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2) + "\n", fsync=True)
     return out_dir
 
 
@@ -385,6 +407,114 @@ def _write_manifest(out_dir: Path, summary: EvalSummary) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Progress: committed batches, resume, settings
+
+
+def _settings(model_fingerprint: str, data_fingerprint: str, total_problems: int, config: dict[str, Any]) -> dict[str, Any]:
+    """What must agree for a rerun to resume (or reuse) an output: everything that changes results."""
+    settings = {"model": model_fingerprint, "data": data_fingerprint, "problems": total_problems}
+    settings.update({k: v for k, v in config.items() if k not in _RESUME_FREE})
+    return json.loads(json.dumps(settings))  # as read back from disk
+
+
+def _summary_settings(summary: EvalSummary) -> dict[str, Any]:
+    return _settings(summary.model_fingerprint, summary.data_fingerprint, summary.total_problems, summary.config)
+
+
+def _check_same_settings(where: Path, recorded: dict[str, Any], wanted: dict[str, Any]) -> None:
+    keys = list(wanted) + [k for k in recorded if k not in wanted]
+    diff = [k for k in keys if recorded.get(k) != wanted.get(k)]
+    if diff:
+        shown = ", ".join(f"{k} {json.dumps(recorded.get(k))} -> {json.dumps(wanted.get(k))}" for k in diff)
+        raise ConsistencyError(
+            f"{where}: holds an evaluation with other settings ({shown})",
+            "rerun with the original settings to resume, pass --overwrite to discard it, or choose another --out",
+        )
+
+
+class _Progress:
+    """`DIR/progress/`: settings.json, then one `batch-NNNNNN.jsonl` per generate call, each
+    written atomically and fsynced, so a killed run loses at most the batch in flight. The
+    directory is removed once samples.jsonl and summary.json are written."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.dir = work / PROGRESS_DIR
+        self.next_batch = 0
+
+    def start(self, settings: dict[str, Any], problems: Sequence[Problem], indices: Sequence[int], k: int) -> dict[int, list[dict]]:
+        """Check the recorded settings, or record them for a fresh run; return the finished problems' records."""
+        settings_path = self.dir / SETTINGS_FILE
+        if not settings_path.is_file():
+            shutil.rmtree(self.dir, ignore_errors=True)  # batches without settings: nothing to trust
+            self.dir.mkdir()
+            atomic_write(settings_path, json.dumps(settings, indent=2) + "\n", fsync=True)
+            _fsync_dir(self.dir)
+            return {}
+        try:
+            recorded = json.loads(settings_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{settings_path}: unreadable ({exc})", "pass --overwrite to start the evaluation afresh") from None
+        _check_same_settings(self.work, recorded, settings)
+        wanted = set(indices)
+        done: dict[int, list[dict]] = {}
+        for path in sorted(self.dir.glob("batch-*.jsonl")):
+            self.next_batch = max(self.next_batch, int(path.stem.split("-")[1]) + 1)
+            try:
+                records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                by_problem: dict[int, list[dict]] = {}
+                for r in records:
+                    by_problem.setdefault(r["problem_index"], []).append(r)
+                for index, rs in by_problem.items():
+                    if index not in wanted or rs[0]["id"] != problems[index].id or [r["sample"] for r in rs] != list(range(k)):
+                        raise ValueError(f"problem {index} does not belong here or is incomplete")
+                    done[index] = rs
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+                raise ArtifactError(f"{path}: unreadable progress ({exc})", "delete that file and rerun: its problems are evaluated again") from None
+        return done
+
+    def commit(self, records: list[dict[str, Any]]) -> None:
+        path = self.dir / f"batch-{self.next_batch:06d}.jsonl"
+        atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), fsync=True)
+        _fsync_dir(self.dir)
+        self.next_batch += 1
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (a no-op where the file system cannot)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_summary(path: Path) -> EvalSummary:
+    try:
+        return EvalSummary.from_dict(json.loads((path / SUMMARY_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path / SUMMARY_FILE}: unreadable ({exc})", "pass --overwrite to evaluate afresh, or choose another --out") from None
+
+
+def _discard(work: Path, merged_too: Path | None) -> None:
+    """`--overwrite`: remove the evaluation files this tool writes (nothing else)."""
+    for d in (work, merged_too):
+        if d is None:
+            continue
+        for name in (SUMMARY_FILE, SAMPLES_FILE, MANIFEST_FILE):
+            (d / name).unlink(missing_ok=True)
+    shutil.rmtree(work / PROGRESS_DIR, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
 # The run
 
 
@@ -406,6 +536,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     shard: Shard = Shard(),
     progress: bool = True,
+    overwrite: bool = False,
 ) -> EvalSummary:
     """Evaluate `model_dir` on `problems` (this shard's part of them).
 
@@ -415,54 +546,120 @@ def evaluate(
     shards are done). Returns the complete result (`shard is None`) when there is one:
     an unsharded run's, or the merge when this shard was the last to finish; else this
     shard's own summary.
+
+    With `out_dir`: the directory is checked writable and locked (one writer) before the
+    model is touched; every generate call's samples are committed to `progress/` as they
+    come, and a rerun with the same settings resumes there (or returns a finished result
+    without loading the model). Other settings are refused, unless `overwrite` discards
+    the earlier results.
     """
     config.validate()
     shard.validate()
     check_problems(problems)
     grader = config.make_grader()
     model_dir = Path(model_dir)
-    fingerprint = _model_fingerprint(model_dir)
-    tokenizer = load_tokenizer(model_dir)
     indices = shard.indices(len(problems))
     if not indices:
         raise ConfigError(f"shard {shard.index}/{shard.count} gets no problems (only {len(problems)})", "use fewer shards than problems")
-    prompts = [prompt_ids(tokenizer, problems[i], config) for i in indices]
-    params = config.sampling_params()
-    own_backend = backend is None
-    if own_backend:
-        from megatron_lopd.generation.base import load_backend
+    if out_dir is None:
+        return _evaluate(model_dir, problems, indices, config, grader, backend, shard, progress, None, overwrite)
+    out = check_writable_dir(out_dir, "eval output", "--out")
+    work = out if shard.count == 1 else check_writable_dir(out / shard.dirname, "eval shard output", "--out")
+    what = "eval output" if shard.count == 1 else f"eval shard {shard.index}/{shard.count} output"
+    with OutputLock(work / LOCK_NAME, what):
+        summary = _evaluate(model_dir, problems, indices, config, grader, backend, shard, progress, work, overwrite)
+    if shard.count > 1 and _all_shards_done(out, shard.count):
+        return _merge_unless_merging(out, summary)
+    return summary
 
-        backend = load_backend(
-            config.backend, model_dir, dtype=config.dtype, tensor_parallel=config.tensor_parallel, max_model_len=config.max_model_len, seed=config.seed
-        )
-    try:
-        _check_context(prompts, indices, problems, config.max_tokens, backend.max_model_len)
-        records, elapsed = _generate_and_grade(backend, params, prompts, indices, problems, grader, ResponseDecoder(tokenizer), config, progress)
-    finally:
+
+def _evaluate(model_dir, problems, indices, config, grader, backend, shard, progress, work, overwrite) -> EvalSummary:
+    fingerprint = _model_fingerprint(model_dir)
+    data_fingerprint = problems_fingerprint(problems)
+    settings = _settings(fingerprint, data_fingerprint, len(problems), asdict(config))
+    store: _Progress | None = None
+    done: dict[int, list[dict]] = {}
+    if work is not None:
+        merged = work.parent if shard.count > 1 else None
+        try:
+            if overwrite:
+                _discard(work, merged)
+            if merged is not None and (merged / SUMMARY_FILE).is_file():
+                _check_same_settings(merged, _summary_settings(_read_summary(merged)), settings)
+            if (work / SUMMARY_FILE).is_file():  # finished: the same settings get the same result, without the model
+                summary = _read_summary(work)
+                _check_same_settings(work, _summary_settings(summary), settings)
+                _Progress(work).remove()
+                return summary
+            store = _Progress(work)
+            done = store.start(settings, problems, indices, config.samples_per_problem)
+        except OSError as exc:
+            raise _output_error(exc) from None
+        if done:
+            print(f"eval {work}: resuming: {len(done)} of {len(indices)} problems done", file=sys.stderr, flush=True)
+    todo = [i for i in indices if i not in done]
+    generated: list[dict] = []
+    elapsed = 0.0
+    backend_name = config.backend
+    if todo:
+        tokenizer = load_tokenizer(model_dir)
+        prompts = [prompt_ids(tokenizer, problems[i], config) for i in todo]
+        own_backend = backend is None
         if own_backend:
-            backend.close()
-    total_tokens = sum(r["length"] for r in records)
+            from megatron_lopd.generation.base import load_backend
+
+            backend = load_backend(
+                config.backend, model_dir, dtype=config.dtype, tensor_parallel=config.tensor_parallel, max_model_len=config.max_model_len, seed=config.seed
+            )
+        backend_name = getattr(backend, "name", config.backend)
+
+        def commit(records: list[dict]) -> None:
+            generated.extend(records)
+            if store is not None:
+                try:
+                    store.commit(records)
+                except OSError as exc:
+                    finished = len(done) + len(generated) // config.samples_per_problem - len(records) // config.samples_per_problem
+                    raise _output_error(exc, f"the {finished} problems committed so far are kept: rerun the same command to resume") from None
+
+        try:
+            _check_context(prompts, todo, problems, config.max_tokens, backend.max_model_len)
+            elapsed = _generate_and_grade(
+                backend, config.sampling_params(), prompts, todo, problems, grader, ResponseDecoder(tokenizer), config, progress,
+                commit, len(indices), len(done),
+            )
+        finally:
+            if own_backend:
+                backend.close()
+    records = sorted([r for rs in done.values() for r in rs] + generated, key=lambda r: (r["problem_index"], r["sample"]))
+    tokens = sum(r["length"] for r in generated)
+    timing = {"elapsed_s": elapsed}
+    if todo and elapsed > 0:
+        timing.update(problems_per_s=len(todo) / elapsed, tokens_per_s=tokens / elapsed)
+    if done:
+        timing["resumed_problems"] = len(done)
     summary = summarize(
         records,
         samples_per_problem=config.samples_per_problem,
         model_fingerprint=fingerprint,
-        data_fingerprint=problems_fingerprint(problems),
+        data_fingerprint=data_fingerprint,
         model_dir=str(model_dir),
-        backend=getattr(backend, "name", config.backend),
+        backend=backend_name,
         config=asdict(config),
         shard=asdict(shard) if shard.count > 1 else None,
         total_problems=len(problems),
-        timing={"elapsed_s": elapsed, "problems_per_s": len(indices) / elapsed, "tokens_per_s": total_tokens / elapsed},
+        timing=timing,
     )
-    if out_dir is not None:
-        if shard.count == 1:
-            write_results(out_dir, records, summary)
-            _write_manifest(Path(out_dir), summary)
-        else:
-            (Path(out_dir) / SUMMARY_FILE).unlink(missing_ok=True)  # a new shard result voids an earlier merge
-            write_results(Path(out_dir) / shard.dirname, records, summary)
-            if _all_shards_done(Path(out_dir), shard.count):
-                return merge_shards(out_dir)
+    if work is not None:
+        try:
+            if shard.count > 1:
+                (work.parent / SUMMARY_FILE).unlink(missing_ok=True)  # a new shard result voids an earlier merge
+            write_results(work, records, summary)
+            if shard.count == 1:
+                _write_manifest(work, summary)
+            store.remove()
+        except OSError as exc:
+            raise _output_error(exc, "every sample is committed: rerun the same command to write the results") from None
     return summary
 
 
@@ -476,31 +673,30 @@ def _check_context(prompts, indices, problems, max_tokens: int, max_model_len: i
         )
 
 
-def _generate_and_grade(backend, params, prompts, indices, problems, grader, decode, config, progress) -> tuple[list[dict], float]:
+def _generate_and_grade(backend, params, prompts, indices, problems, grader, decode, config, progress, commit, total, done) -> float:
+    """Sample and grade `indices` batch by batch, handing each batch's records to `commit`; returns the seconds taken."""
     from tqdm.auto import tqdm
 
     from megatron_lopd.generation.base import FINISH_LENGTH
 
-    prepared: dict[int, Any] = {}
     per_call = max(1, config.batch_samples // config.samples_per_problem)
-    records: list[dict[str, Any]] = []
     start = time.perf_counter()
-    tokens = correct = 0
-    with tqdm(total=len(indices), unit="problem", desc="eval", disable=not progress, dynamic_ncols=True) as bar:
+    tokens = correct = count = 0
+    with tqdm(total=total, initial=done, unit="problem", desc="eval", disable=not progress, dynamic_ncols=True) as bar:
         for lo in range(0, len(indices), per_call):
             chunk = indices[lo : lo + per_call]
             outputs = backend.generate(prompts[lo : lo + per_call], params, prompt_indices=chunk)
+            batch: list[dict[str, Any]] = []
             for index, samples in zip(chunk, outputs):
                 problem = problems[index]
-                if index not in prepared:
-                    prepared[index] = grader.prepare(problem.answer)
+                prepared = grader.prepare(problem.answer)
                 for j, sample in enumerate(samples):
                     full, answer_text = decode(sample.response_ids)
                     truncated = sample.finish_reason == FINISH_LENGTH
-                    verdict = grade_response(grader, prepared[index], answer_text)
+                    verdict = grade_response(grader, prepared, answer_text)
                     # A response cut at max_tokens never gave its final answer: wrong, whatever it contains.
                     ok = verdict.correct and not truncated
-                    records.append(
+                    batch.append(
                         {
                             "id": problem.id,
                             "problem_index": index,
@@ -515,18 +711,27 @@ def _generate_and_grade(backend, params, prompts, indices, problems, grader, dec
                     )
                     tokens += len(sample.response_ids)
                     correct += ok
+            commit(batch)
+            count += len(batch)
             bar.update(len(chunk))
             elapsed = time.perf_counter() - start
-            bar.set_postfix(acc=f"{correct / len(records):.3f}", tok_s=f"{tokens / elapsed:.0f}")
-    return records, time.perf_counter() - start
+            bar.set_postfix(acc=f"{correct / count:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+    return time.perf_counter() - start
 
 
 def run_eval(
-    model_dir: str | Path, data: str | Path, out_dir: str | Path, *, config: EvalConfig = EvalConfig(), shard: Shard = Shard(), progress: bool = True
+    model_dir: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    *,
+    config: EvalConfig = EvalConfig(),
+    shard: Shard = Shard(),
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> EvalSummary:
     """`lopd eval`: load the data file, evaluate, write. Returns what `evaluate` returns."""
     config.validate()  # before reading anything: K < 1 fails fast
-    return evaluate(model_dir, load_problems(data), config=config, out_dir=out_dir, shard=shard, progress=progress)
+    return evaluate(model_dir, load_problems(data), config=config, out_dir=out_dir, shard=shard, progress=progress, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------
@@ -541,6 +746,18 @@ def _all_shards_done(out_dir: Path, count: int) -> bool:
     return all((out_dir / Shard(i, count).dirname / SUMMARY_FILE).is_file() for i in range(count))
 
 
+def _merge_unless_merging(out_dir: Path, shard_summary: EvalSummary) -> EvalSummary:
+    """The last shard to finish merges; of two finishing at once, one merges and the other returns its own summary."""
+    lock = OutputLock(out_dir / LOCK_NAME, "eval output")
+    if lock.try_acquire() is not None:
+        print(f"eval {out_dir}: another process is merging the shards", file=sys.stderr, flush=True)
+        return shard_summary
+    try:
+        return _merge(out_dir)
+    finally:
+        lock.release()
+
+
 def merge_shards(out_dir: str | Path) -> EvalSummary:
     """Combine `out_dir/shard-*-of-N/` into `out_dir/samples.jsonl` + `summary.json`.
 
@@ -548,6 +765,14 @@ def merge_shards(out_dir: str | Path) -> EvalSummary:
     configuration. The merged files are identical to an unsharded run's (timing aside).
     """
     out_dir = Path(out_dir)
+    if not out_dir.is_dir() or not _shard_dirs(out_dir):
+        raise ArtifactError(f"{out_dir}: no shard-*-of-* directories to merge", "run `lopd eval --shard I/N --out DIR` for every shard first")
+    check_writable_dir(out_dir, "eval output", "--merge")
+    with OutputLock(out_dir / LOCK_NAME, "eval output"):
+        return _merge(out_dir)
+
+
+def _merge(out_dir: Path) -> EvalSummary:
     dirs = _shard_dirs(out_dir)
     if not dirs:
         raise ArtifactError(f"{out_dir}: no shard-*-of-* directories to merge", "run `lopd eval --shard I/N --out DIR` for every shard first")
@@ -598,6 +823,9 @@ def merge_shards(out_dir: str | Path) -> EvalSummary:
             "shards": count,
         },
     )
-    write_results(out_dir, records, summary)
-    _write_manifest(out_dir, summary)
+    try:
+        write_results(out_dir, records, summary)
+        _write_manifest(out_dir, summary)
+    except OSError as exc:
+        raise _output_error(exc, "the shards' results are kept: `lopd eval --merge DIR` merges them again") from None
     return summary

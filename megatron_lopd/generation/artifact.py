@@ -52,6 +52,32 @@ class RolloutRecord:
     prompt_index: int = 0
 
 
+def is_rollout_artifact(path: str | Path) -> bool:
+    """True only if ``path`` provably holds a rollout artifact: a plan.json or manifest.json of a rollout kind."""
+    for name in (PLAN_NAME, MANIFEST_NAME):
+        try:
+            doc = json.loads((Path(path) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("kind") in ARTIFACT_KINDS:
+            return True
+    return False
+
+
+def _file_mode() -> int:
+    """The mode a regular file created by open() gets here: 0o666 less the umask."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def chunk_name(chunk_id: int) -> str:
     return f"chunk-{chunk_id:06d}.safetensors"
 
@@ -179,14 +205,18 @@ class ArtifactWriter:
             raise ArtifactError(f"unknown artifact kind {plan.get('kind')!r}", f"use one of {', '.join(ARTIFACT_KINDS)}")
         plan = json.loads(json.dumps(plan))  # normalise tuples etc. to what reading back gives
         plan_path = path / PLAN_NAME
-        if overwrite and path.exists():
-            import shutil
+        if path.exists() and not path.is_dir():
+            raise ArtifactError(f"--out {path} is a file, not a directory", "pass a directory path to --out")
+        if overwrite:  # checks before it deletes: only a directory that provably is a rollout artifact
+            from megatron_lopd.runtime.files import remove_owned_dir
 
-            for name in (MANIFEST_NAME, PLAN_NAME):
-                (path / name).unlink(missing_ok=True)
-            shutil.rmtree(path / CHUNK_DIR, ignore_errors=True)
-        if path.exists() and not plan_path.is_file() and any(not p.name.startswith(".") for p in path.iterdir()):
-            raise ArtifactError(f"{path}: exists and is not a rollout artifact", "choose an empty or new --out directory")
+            remove_owned_dir(path, is_rollout_artifact, "rollout artifact", flag="--overwrite")
+        if path.exists() and not plan_path.is_file():
+            others = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+            if others:
+                shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+                raise ArtifactError(f"--out {path} exists and is not a rollout artifact (it holds {shown})",
+                                    "choose an empty or new --out directory")
         path.mkdir(parents=True, exist_ok=True)
         # Exclusive publish (link fails if the plan exists): of several shards starting at
         # once exactly one writes the plan, and every other one is compared against it.
@@ -219,15 +249,22 @@ class ArtifactWriter:
         return [c for c in range(shard, len(self.ranges), num_shards) if c not in done]
 
     def write_chunk(self, chunk_id: int, records: Sequence[RolloutRecord]) -> Path:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         start, stop = self.ranges[chunk_id]
         _validate_records(records, start, stop, self.n, self.has_logprobs)
         final = self.chunk_path(chunk_id)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         # No safetensors metadata: its key order is not deterministic, and chunk bytes must be.
-        save_file(_encode_chunk(records, self.n, self.has_logprobs), str(tmp))
-        os.replace(tmp, final)
+        # Serialized in memory and written by us (not safetensors' own 0600 temporary file):
+        # chunk files get the mode every other file gets (0644 under the usual umask).
+        from megatron_lopd.runtime.files import atomic_write, os_error_fix, os_error_reason
+
+        data = save(_encode_chunk(records, self.n, self.has_logprobs))
+        try:
+            atomic_write(final, data, mode=_file_mode())
+        except OSError as exc:
+            raise ArtifactError(f"rollout artifact {self.path}: cannot write {final.name}: {os_error_reason(exc)}",
+                                f"{os_error_fix(exc)} (the --out directory)") from None
         return final
 
     def is_complete(self) -> bool:
@@ -290,8 +327,10 @@ class RolloutArtifact:
     def open(cls, path: str | Path, *, verify: bool = True) -> "RolloutArtifact":
         """Open a complete artifact. `verify`: recompute the data fingerprint (cached per file after the first time)."""
         path = Path(path)
-        if not path.is_dir():
+        if not path.exists():
             raise ArtifactError(f"{path}: rollout artifact directory does not exist", "check the path or run `lopd generate`")
+        if not path.is_dir():
+            raise ArtifactError(f"{path}: is a file, not a rollout artifact directory", "pass the directory `lopd generate --out` wrote")
         if not (path / MANIFEST_NAME).is_file():
             hint = "finish it: run the missing --shard tasks or rerun `lopd generate` to resume" if (path / PLAN_NAME).is_file() else "run `lopd generate`"
             raise ArtifactError(f"{path}: incomplete rollout artifact (no {MANIFEST_NAME})", hint)

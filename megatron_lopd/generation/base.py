@@ -125,8 +125,10 @@ def inspect_model_dir(model_dir: str | Path) -> ModelInfo:
     import json
 
     path = Path(model_dir)
-    if not path.is_dir():
+    if not path.exists():
         raise ArtifactError(f"{path}: model directory does not exist", "pass a Hugging Face model directory")
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: is a file, not a model directory", "pass a Hugging Face model directory (config.json + weights)")
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ArtifactError(f"{path}: no config.json", "point at a directory written by save_pretrained or `lopd convert to-hf`")
@@ -214,6 +216,15 @@ def check_lengths(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
                 f"{what} {i}: {len(prompt)} prompt + {resp_len} response tokens exceed the model's context of {max_model_len}",
                 "shorten or drop the prompt, lower --max-tokens, or use a model with a longer context",
             )
+
+
+def raise_non_finite(info: ModelInfo, backend: str, prompt_index: int | None = None) -> None:
+    """Refuse a generator whose logits are NaN/inf (NaN weights, an overflow): its samples are garbage."""
+    where = f" (prompt {prompt_index})" if prompt_index is not None else ""
+    raise LopdError(
+        f"model {info.path} produced non-finite logits (NaN or inf) while generating with --backend {backend}{where}: "
+        "its samples would be garbage, nothing was written for them",
+        "check the model's weights (a diverged or corrupted checkpoint/export?); with bfloat16/float16 try --dtype float32")
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:

@@ -5,6 +5,11 @@ chunks c with c % N == I, any number of such processes (SLURM array or srun task
 run at once, and a rerun skips chunks already written. Whichever process finds every
 chunk written writes the manifest; the result is the same however the work was split,
 because each sample's seed comes from (seed, prompt index, sample index).
+
+Refused before the model is loaded: an unwritable ``--out`` (one line naming it), and
+with ``--overwrite`` an ``--out`` that is not provably a rollout artifact (nothing is
+deleted). A generator whose logits are NaN/inf is refused naming the model, before the
+chunk is written (both backends check the sampled tokens' log-probs).
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ def generate_artifact(cfg: GenerateConfig, backend=None) -> GenerateResult:
     from tqdm import tqdm
 
     from megatron_lopd.generation.prompts import load_prompt_set, load_tokenizer
+    from megatron_lopd.runtime.files import check_writable_dir
 
     if cfg.kind not in ARTIFACT_KINDS:
         raise ConfigError(f"unknown artifact kind {cfg.kind!r}", f"use one of {', '.join(ARTIFACT_KINDS)}")
@@ -117,6 +123,7 @@ def generate_artifact(cfg: GenerateConfig, backend=None) -> GenerateResult:
             raise ArtifactError(
                 f"prompt file {cfg.prompts}: prompt {pid!r} has {len(ids)} tokens, no room to generate within the "
                 f"model's context of {context}", "shorten or drop the prompt, or use a model with a longer context")
+    check_writable_dir(cfg.out, "rollout artifact", "--out")  # before the model is loaded
     writer = ArtifactWriter.create(cfg.out, _plan(cfg, prompt_set, cfg.model), overwrite=cfg.overwrite)
     pending = writer.pending_chunks(shard, num_shards)
     written = 0

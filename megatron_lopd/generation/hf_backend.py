@@ -25,6 +25,7 @@ from megatron_lopd.generation.base import (
     SamplingParams,
     ScoredSequence,
     check_lengths,
+    raise_non_finite,
     sample_seed,
 )
 
@@ -181,6 +182,8 @@ class HfBackend:
         out = self.model(input_ids=torch.tensor(prompts, device=dev), use_cache=True, logits_to_keep=1)
         for t in range(budget):
             logits = out.logits[:, -1].float()
+            if not bool(torch.isfinite(logits[alive]).all()):  # NaN weights: refuse, never sample garbage
+                raise_non_finite(self.info, "hf")
             chosen = sample_tokens(logits, None if uniforms is None else uniforms[held, t], params.temperature, params.top_p)
             tokens[held[alive], t] = chosen[alive]
             if params.record_logprobs:  # raw: temperature 1, full vocabulary

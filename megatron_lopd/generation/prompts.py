@@ -36,6 +36,8 @@ class PromptSet:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.is_dir():
+        raise ArtifactError(f"prompt file {path} is a directory, not a file", "pass a JSONL or parquet file to --prompts")
     if not path.is_file():
         raise ArtifactError(f"prompt file {path} does not exist", "check the --prompts path")
     if path.suffix == ".parquet":
@@ -114,4 +116,9 @@ def load_prompt_set(path: str | Path, tokenizer, *, thinking: bool | None = None
         seen[pid] = i
         ids.append(pid)
         token_ids.append(render_prompt(tokenizer, _messages(row, where), thinking))
-    return PromptSet(path=path, ids=ids, token_ids=token_ids, fingerprint="prompts-" + file_digest(path)[:32])
+    return PromptSet(path=path, ids=ids, token_ids=token_ids, fingerprint=prompt_file_fingerprint(path))
+
+
+def prompt_file_fingerprint(path: str | Path) -> str:
+    """What a rollout artifact records as inputs.prompts_fingerprint: the prompt file's content."""
+    return "prompts-" + file_digest(path)[:32]

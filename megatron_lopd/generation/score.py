@@ -9,12 +9,19 @@ scored everything).
 Everything that can be wrong with the inputs is checked before the first shard is
 written: the artifact's completeness and fingerprint, the teacher's weights, the
 tokenizer (the teacher's must be the rollouts'), empty responses and sequences longer
-than the teacher's context. A refused run therefore never touches shards already
-scored.
+than the teacher's context, and that ``--out`` is writable. A refused run therefore
+never touches shards already scored.
+
+One writer per store shard: a worker claims a shard's lock (`StoreWriter.claim_shard`)
+before scoring it and skips, with a log line, shards another live process holds (two
+`lopd score` on the same store split the work instead of racing); a dead holder's lock
+is taken over. A teacher that returns non-finite log-probs (NaN weights, an overflow) is
+refused naming the model, before anything of that shard is written.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,9 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_lopd.errors import ArtifactError, ConfigError, ConsistencyError
+from megatron_lopd.errors import ArtifactError, ConfigError, ConsistencyError, LopdError
 from megatron_lopd.generation.artifact import RolloutArtifact
 from megatron_lopd.generation.base import inspect_model_dir, load_backend
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +63,7 @@ class ScoreResult:
     seconds: float
     complete: bool
     summary: object | None = None  # store.StoreSummary once finalized
+    shards_skipped: int = 0  # held by another live scorer
 
 
 def _check_inputs(cfg: ScoreConfig, art: RolloutArtifact) -> tuple[str, int]:
@@ -124,6 +135,7 @@ def score_to_store(cfg: ScoreConfig, backend=None) -> ScoreResult:
     already loaded teacher backend to reuse (it stays open), else one is loaded from `cfg`."""
     from tqdm import tqdm
 
+    from megatron_lopd.runtime.files import LockedError, check_writable_dir
     from megatron_lopd.store import SequenceRecord, StoreWriter, finalize_store
 
     worker, num_workers = cfg.shard
@@ -135,13 +147,15 @@ def score_to_store(cfg: ScoreConfig, backend=None) -> ScoreResult:
         raise ConfigError("--overwrite with --shard would let workers delete each other's shards", "clear the store once, then start the workers")
     art = RolloutArtifact.open(cfg.rollouts)
     teacher_fp, vocab_size = _check_inputs(cfg, art)
+    check_writable_dir(cfg.out, "teacher store", "--out")  # before any model is loaded
     writer = StoreWriter.create(
         cfg.out, num_sequences=len(art), top_k=cfg.top_k, vocab_size=vocab_size,
         provenance=_provenance(cfg, art, teacher_fp, _engine_version(cfg.backend)),
         sequences_per_shard=cfg.sequences_per_shard, has_rollout_logprobs=art.has_logprobs, overwrite=cfg.overwrite,
+        overwrite_flag="--overwrite",
     )
     pending = writer.pending_shards(worker=worker, num_workers=num_workers)
-    shards_written = tokens = 0
+    shards_written = tokens = skipped = 0
     if pending:
         prompt_lens, response_lens = art.lengths()
         lengths = prompt_lens + response_lens
@@ -158,8 +172,22 @@ def score_to_store(cfg: ScoreConfig, backend=None) -> ScoreResult:
         try:
             for s in pending:
                 rng = writer.shard_range(s)
+                try:
+                    writer.claim_shard(s)
+                except LockedError as exc:
+                    log.warning("skipping %s", exc.what)
+                    skipped += 1
+                    continue
+                if writer.is_done(s):  # finished by the previous holder of its lock
+                    writer.release_shard(s)
+                    continue
                 recs = [art[i] for i in rng]
-                scored = backend.score([r.prompt_ids for r in recs], [r.response_ids for r in recs], cfg.top_k)
+                try:
+                    scored = backend.score([r.prompt_ids for r in recs], [r.response_ids for r in recs], cfg.top_k)
+                    _check_finite(cfg, scored, rng.start)
+                except BaseException:
+                    writer.release_shard(s)
+                    raise
                 writer.write_shard(s, [
                     SequenceRecord(
                         prompt_ids=r.prompt_ids, response_ids=r.response_ids, teacher_logprobs=sc.token_logprobs,
@@ -176,6 +204,26 @@ def score_to_store(cfg: ScoreConfig, backend=None) -> ScoreResult:
                 backend.close()
     all_done = len(writer.done_shards()) == writer.num_shards
     summary = None
+    if skipped:
+        log.warning("%d shard(s) of %s were being scored by another process; that process finalizes the store "
+                    "when it writes the last shard (or run `lopd score --out %s --finalize` once all have exited)",
+                    skipped, cfg.out, cfg.out)
     if all_done and num_workers == 1 and cfg.finalize is None:
-        summary = finalize_store(cfg.out, progress=cfg.progress)
-    return ScoreResult(Path(cfg.out), shards_written, tokens, time.time() - started, summary is not None, summary)
+        try:
+            summary = finalize_store(cfg.out, progress=cfg.progress)
+        except LockedError as exc:  # another scorer that finished at the same moment is finalizing
+            log.warning("not finalizing: %s", exc.what)
+    return ScoreResult(Path(cfg.out), shards_written, tokens, time.time() - started, summary is not None, summary,
+                       shards_skipped=skipped)
+
+
+def _check_finite(cfg: ScoreConfig, scored, first_index: int) -> None:
+    """Refuse non-finite teacher log-probs, naming the teacher (not the store or the rollouts)."""
+    for j, sc in enumerate(scored):
+        bad = not np.isfinite(sc.token_logprobs).all()
+        bad |= sc.topk_logprobs is not None and not np.isfinite(sc.topk_logprobs).all()
+        if bad:
+            raise LopdError(
+                f"teacher {cfg.teacher} returned non-finite log-probs (NaN or inf) for store sequence {first_index + j} "
+                f"with --backend {cfg.backend} --dtype {cfg.dtype}: its weights hold NaN/inf or its logits overflow",
+                "check the teacher checkpoint (a diverged or corrupted export?); with bfloat16/float16 try --dtype float32")

@@ -46,6 +46,7 @@ from megatron_lopd.generation.base import (
     SamplingParams,
     ScoredSequence,
     check_lengths,
+    raise_non_finite,
     sample_seed,
 )
 
@@ -247,8 +248,11 @@ class VllmBackend:
             worker_extension_cls=f"{__name__}.ScoringWorkerExtension",
         )
         kwargs.update(engine_kwargs)
+        from megatron_lopd.runtime.lifetime import children_die_with_parent
+
         try:
-            self.llm = LLM(**kwargs)
+            with children_die_with_parent():  # vLLM's engine process(es) must not outlive a killed caller
+                self.llm = LLM(**kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             raise LopdError(f"vLLM could not load {info.path}: {str(exc).splitlines()[0][:300]}",
                             "check the model directory, --max-model-len and the GPU memory") from exc
@@ -304,7 +308,7 @@ class VllmBackend:
                         top_p=params.top_p,
                         max_tokens=min(params.max_tokens, self.max_model_len - len(prompt)),
                         seed=sample_seed(params.seed, indices[p], j),
-                        logprobs=0 if params.record_logprobs else None,
+                        logprobs=0,  # always: the sampled token's log-prob is checked to be finite (cheap)
                         flat_logprobs=True,
                         stop_token_ids=stop_ids,
                         detokenize=False,
@@ -312,14 +316,15 @@ class VllmBackend:
                 )
         outputs = self._run(requests, request_params)
         samples = []
-        for out in outputs:
+        for i, out in enumerate(outputs):
             o = out.outputs[0]
-            logprobs = None
-            if params.record_logprobs:
-                # Flat layout: with logprobs=0 every position holds exactly the sampled token.
-                logprobs = np.asarray(o.logprobs.logprobs, dtype=np.float32)[np.asarray(o.logprobs.start_indices, dtype=np.int64)].tolist()
+            # Flat layout: with logprobs=0 every position holds exactly the sampled token.
+            lps = np.asarray(o.logprobs.logprobs, dtype=np.float32)[np.asarray(o.logprobs.start_indices, dtype=np.int64)]
+            if not np.isfinite(lps).all():
+                raise_non_finite(self.info, "vllm", indices[i // params.n])
             finish = FINISH_STOP if o.finish_reason == "stop" else FINISH_LENGTH
-            samples.append(Sample(response_ids=list(o.token_ids), finish_reason=finish, logprobs=logprobs))
+            samples.append(Sample(response_ids=list(o.token_ids), finish_reason=finish,
+                                  logprobs=lps.tolist() if params.record_logprobs else None))
         return [samples[p * params.n : (p + 1) * params.n] for p in range(len(prompts))]
 
     # ---------------------------------------------------------------- scoring

@@ -1,17 +1,13 @@
-"""Distributed initialisation, parallel state, seeds and the CPU compatibility layer."""
+"""Distributed initialisation, parallel state, seeds, the CPU compatibility layer, and the
+file-system and process-lifetime rules every stage shares (`files`, `lifetime`).
 
-from megatron_lopd.runtime.distributed import (
-    LaunchInfo,
-    ParallelConfig,
-    destroy_distributed,
-    device,
-    init_distributed,
-    init_torch_distributed,
-    launch_info,
-    set_seeds,
-)
+The distributed names are imported on first use: `runtime.files` must stay importable
+without torch (the store and the generation tools use it).
+"""
 
-__all__ = [
+import importlib
+
+_DISTRIBUTED = (
     "LaunchInfo",
     "ParallelConfig",
     "destroy_distributed",
@@ -20,4 +16,13 @@ __all__ = [
     "init_torch_distributed",
     "launch_info",
     "set_seeds",
-]
+)
+
+
+def __getattr__(name: str):
+    if name in _DISTRIBUTED:
+        return getattr(importlib.import_module("megatron_lopd.runtime.distributed"), name)
+    raise AttributeError(f"module 'megatron_lopd.runtime' has no attribute {name!r}")
+
+
+__all__ = list(_DISTRIBUTED)

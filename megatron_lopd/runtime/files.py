@@ -210,7 +210,7 @@ def check_writable_dir(path: str | os.PathLike, what: str, flag: str | None = No
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as exc:
-        raise ArtifactError(f"{name}: {os_error_reason(exc)}", os_error_fix(exc, flag)) from None
+        raise ArtifactError(f"{name}: {os_error_reason(exc)}", os_error_fix(exc)) from None
     return path
 
 
@@ -256,9 +256,8 @@ def os_error_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def os_error_fix(exc: OSError, flag: str | None = None) -> str:
-    fix = _FIXES.get(exc.errno, "check the path and the file system")
-    return f"{fix}{f' (the {flag} option)' if flag else ''}"
+def os_error_fix(exc: OSError) -> str:
+    return _FIXES.get(exc.errno, "check the path and the file system")
 
 
 def os_error_line(exc: OSError, output: str | os.PathLike | None = None) -> str:

@@ -15,7 +15,9 @@ Read (trainer, notebooks)::
     store = TeacherStore.open(path, require={"teacher_fingerprint": fp})
     rec = store[0]; batch = store.get_batch(store.epoch_indices(seed, epoch, rank, world)[:32])
 
-Check: `verify_store(path).ok`, `inspect_store(path)`, or ``lopd store verify|inspect PATH``.
+Check: `verify_store(path).ok` (decodes everything), `check_store_files(path)` (fast: markers,
+files, sizes, crc32c of every chunk; raises on the first problem; run it before training),
+`inspect_store(path)`, or ``lopd store verify|inspect PATH``.
 The schema and layout are documented in `megatron_lopd.store.schema`; the store knows
 nothing of models or training.
 """
@@ -31,12 +33,13 @@ from megatron_lopd.store.schema import (
     content_hash,
 )
 from megatron_lopd.store.synthetic import SyntheticSpec, synthetic_record, synthetic_records
-from megatron_lopd.store.verify import VerifyReport, inspect_store, verify_store
+from megatron_lopd.store.verify import FileCheckStats, VerifyReport, check_store_files, inspect_store, verify_store
 from megatron_lopd.store.writer import ShardMarker, StoreSummary, StoreWriter, finalize_store
 
 __all__ = [
     "SCHEMA_VERSION",
     "ChecksumError",
+    "FileCheckStats",
     "RecordError",
     "SequenceRecord",
     "ShardMarker",
@@ -48,6 +51,7 @@ __all__ = [
     "TeacherStore",
     "VerifyReport",
     "check_provenance",
+    "check_store_files",
     "content_hash",
     "finalize_store",
     "inspect_store",

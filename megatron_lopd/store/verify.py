@@ -1,4 +1,10 @@
-"""Whole-store checks (`verify_store`) and a summary for humans (`inspect_store`).
+"""Whole-store checks (`verify_store`, `check_store_files`) and a summary for humans (`inspect_store`).
+
+`check_store_files` is the fast pre-training check: every shard's done marker, shard
+directory and array metadata present, every data file with its marker's size and (with
+``checksums=True``) every shard index and inner chunk matching its crc32c. It reads each
+file once and decodes nothing; it raises `ArtifactError` (`ChecksumError` for a checksum)
+with the first problem. `inspect_store` checks presence and sizes only (no reads).
 
 `verify_store` never raises for a damaged store: it returns a `VerifyReport` whose
 ``problems`` list says what is wrong (the first one is what ``lopd store verify`` prints)
@@ -16,16 +22,21 @@ and ``ok`` is True only if every check passed:
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from megatron_lopd.errors import LopdError
-from megatron_lopd.store.format import ShardedArray, read_small_array
+from megatron_lopd.errors import ArtifactError, LopdError
+from megatron_lopd.store.format import ChecksumError, ShardedArray, read_small_array
 from megatron_lopd.store.schema import (
+    MARKERS_DIR,
+    StoreMeta,
     SEQUENCES_DIR,
     SHARDS_DIR,
     TOPK_VOCABULARY,
@@ -35,6 +46,7 @@ from megatron_lopd.store.schema import (
     uint64_to_hash,
 )
 from megatron_lopd.store.writer import (
+    ShardMarker,
     StoreSummary,
     StoreWriter,
     read_meta,
@@ -182,24 +194,175 @@ def _verify_shard(path: Path, writer: StoreWriter, s: int, report: VerifyReport)
     return per_seq
 
 
-def inspect_store(path: str | os.PathLike) -> StoreSummary:
-    """Summary of a store, complete or not (token counts of an incomplete one: done shards)."""
+def _array_names(meta: StoreMeta) -> list[str]:
+    names = ["prompt_ids", "response_ids", "teacher_logprobs"]
+    names += ["rollout_logprobs"] if meta.has_rollout_logprobs else []
+    names += ["topk_ids", "topk_logprobs", TOPK_VOCABULARY] if meta.top_k else []
+    return names + list(_PER_SEQ)
+
+
+def _shard_problem(path: Path, meta: StoreMeta, s: int, *, marker_required: bool) -> tuple[str | None, ShardMarker | None]:
+    """Presence and size problem of shard ``s`` (no data read): (problem or None, its marker)."""
+    try:
+        marker = ShardMarker.read(path / MARKERS_DIR / f"{shard_name(s)}.json")
+    except ArtifactError as exc:
+        return f"shard {s}: {exc.what}", None
+    if marker is None:
+        return (f"shard {s}: done marker {MARKERS_DIR}/{shard_name(s)}.json is missing" if marker_required else None), None
+    base = path / SHARDS_DIR / shard_name(s)
+    if not base.is_dir():
+        return f"shard {s}: shard directory {SHARDS_DIR}/{shard_name(s)} is missing (its marker exists)", marker
+    for rel in ["zarr.json"] + [f"{name}/zarr.json" for name in _array_names(meta)]:
+        if not (base / rel).is_file():
+            return f"shard {s}: {SHARDS_DIR}/{shard_name(s)}/{rel} is missing", marker
+    for rel, size in marker.files.items():
+        try:
+            actual = (base / rel).stat().st_size
+        except FileNotFoundError:
+            return f"shard {s}: file {SHARDS_DIR}/{shard_name(s)}/{rel} is missing", marker
+        if actual != size:
+            return (f"shard {s}: file {SHARDS_DIR}/{shard_name(s)}/{rel} is {actual} bytes, its marker says {size} "
+                    "(truncated or rewritten)"), marker
+    return None, marker
+
+
+def _crc_ok(data: bytes, start: int, stop: int) -> bool:
+    """The 4 little-endian bytes at ``stop`` are the crc32c of ``data[start:stop]``."""
+    import google_crc32c
+
+    return google_crc32c.value(data[start:stop]) == int.from_bytes(data[stop:stop + 4], "little")
+
+
+def _check_array_checksums(array_dir: Path, label: str) -> tuple[int, int]:
+    """crc32c of every shard index and inner chunk (sharded) or chunk (crc32c codec) of one array:
+    (chunks checked, bytes read). Raises `ChecksumError` naming the file."""
+    fix = "the store is damaged: delete that shard's marker, rerun its writer and finalize again"
+    try:
+        meta = json.loads((array_dir / "zarr.json").read_text())
+        codecs = meta.get("codecs") or []
+    except (OSError, ValueError, AttributeError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ArtifactError(f"{label}: unreadable array metadata {array_dir / 'zarr.json'} ({type(exc).__name__})", fix) from None
+    files = sorted(p for p in (array_dir / "c").rglob("*") if p.is_file()) if (array_dir / "c").is_dir() else []
+    chunks = nbytes = 0
+    if codecs and codecs[0].get("name") == "sharding_indexed":
+        cfg = codecs[0]["configuration"]
+        outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        per_shard = math.prod(o // c for o, c in zip(outer, cfg["chunk_shape"]))
+        index_nbytes = 16 * per_shard + 4
+        for f in files:
+            data = f.read_bytes()
+            nbytes += len(data)
+            end = len(data) - index_nbytes
+            if end < 0 or not _crc_ok(data, end, len(data) - 4):
+                raise ChecksumError(f"{label}: checksum error in the shard index of {f} (truncated or corrupted)", fix)
+            index = np.frombuffer(data[end:-4], dtype="<u8").reshape(-1, 2)
+            for i, (offset, size) in enumerate(index.tolist()):
+                if offset == 2**64 - 1:
+                    continue  # an empty chunk
+                if size < 4 or offset + size > end:
+                    raise ChecksumError(f"{label}: inner chunk {i} of {f} lies outside the file", fix)
+                if not _crc_ok(data, offset, offset + size - 4):
+                    raise ChecksumError(f"{label}: checksum error in inner chunk {i} of {f}", fix)
+                chunks += 1
+    elif codecs and codecs[-1].get("name") == "crc32c":
+        for f in files:
+            data = f.read_bytes()
+            nbytes += len(data)
+            if len(data) < 4 or not _crc_ok(data, 0, len(data) - 4):
+                raise ChecksumError(f"{label}: checksum error in chunk {f}", fix)
+            chunks += 1
+    return chunks, nbytes
+
+
+@dataclass
+class FileCheckStats:
+    """What `check_store_files` checked."""
+
+    path: str
+    shards: int = 0
+    files: int = 0
+    chunks: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+def check_store_files(path: str | os.PathLike, *, checksums: bool = True, require_complete: bool = True) -> FileCheckStats:
+    """Fast check before training: raises `ArtifactError` (`ChecksumError` for a checksum) with the first problem.
+
+    Checks: root metadata readable, ``complete`` set (unless ``require_complete=False``);
+    every shard's done marker, shard directory and array metadata present and every data
+    file with the size its marker records; for a complete store, ``sequences/``. With
+    ``checksums=True`` every file is read once and every shard index, inner chunk and
+    per-sequence chunk is matched against its crc32c (nothing is decoded). What it does
+    not check (`verify_store` does, decoding everything): ids within the vocabulary,
+    finite log-probs, content hashes, lengths against the markers.
+    """
+    started = time.perf_counter()
     path = Path(path)
     meta = read_meta(path)
-    writer = StoreWriter(path, meta)
+    stats = FileCheckStats(path=str(path))
+    if require_complete and not meta.complete:
+        done = sum((path / MARKERS_DIR / f"{shard_name(s)}.json").exists() for s in range(meta.num_shards))
+        raise ArtifactError(f"teacher store {path} is not complete ({done} of {meta.num_shards} shards done, not finalized)",
+                            "finish the scoring workers, then run `lopd store finalize`")
+    for s in range(meta.num_shards):
+        problem, marker = _shard_problem(path, meta, s, marker_required=True)
+        if problem is not None:
+            raise ArtifactError(f"teacher store {path}: {problem}",
+                                "delete that shard's marker if present, rerun its writer (`lopd score` resumes) and finalize again")
+        stats.shards += 1
+        stats.files += len(marker.files)
+        if checksums:
+            base = path / SHARDS_DIR / shard_name(s)
+            for name in _array_names(meta):
+                c, b = _check_array_checksums(base / name, f"teacher store {path}: array {name!r} of shard {s}")
+                stats.chunks += c
+                stats.bytes_read += b
     if meta.complete:
-        prompt_tokens, response_tokens, done = int(meta.prompt_tokens or 0), int(meta.response_tokens or 0), meta.num_shards
+        for name in _PER_SEQ:
+            array_dir = path / SEQUENCES_DIR / name
+            if not (array_dir / "zarr.json").is_file():
+                raise ArtifactError(f"teacher store {path}: {SEQUENCES_DIR}/{name} is missing",
+                                    "run `lopd store finalize` again")
+            if checksums:
+                c, b = _check_array_checksums(array_dir, f"teacher store {path}: {SEQUENCES_DIR}/{name}")
+                stats.chunks += c
+                stats.bytes_read += b
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def inspect_store(path: str | os.PathLike) -> StoreSummary:
+    """Summary of a store, complete or not (token counts of an incomplete one: done shards).
+
+    Cheap checks only (no data read): every done marker, shard directory and data file with
+    its marker's size; what is missing is listed in ``problems`` and a finalized store with
+    problems is reported as not complete.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    problems, markers = [], []
+    for s in range(meta.num_shards):
+        problem, marker = _shard_problem(path, meta, s, marker_required=meta.complete)
+        if problem is not None:
+            problems.append(problem)
+        if marker is not None:
+            markers.append(marker)
+    if meta.complete and not (path / SEQUENCES_DIR / "zarr.json").is_file():
+        problems.append(f"{SEQUENCES_DIR}/ is missing")
+    if meta.complete:
+        prompt_tokens, response_tokens = int(meta.prompt_tokens or 0), int(meta.response_tokens or 0)
     else:
-        markers = [m for m in (writer.marker(s) for s in range(meta.num_shards)) if m is not None]
         prompt_tokens = sum(m.prompt_tokens for m in markers)
         response_tokens = sum(m.response_tokens for m in markers)
-        done = len(markers)
+    done = sum(1 for m in markers if (path / SHARDS_DIR / shard_name(m.shard)).is_dir())
     return StoreSummary(
-        path=str(path), complete=meta.complete, schema_version=meta.schema_version,
+        path=str(path), complete=meta.complete and not problems, schema_version=meta.schema_version,
         num_sequences=meta.num_sequences, num_shards=meta.num_shards, shards_done=done, top_k=meta.top_k,
         vocab_size=meta.vocab_size, has_rollout_logprobs=meta.has_rollout_logprobs, prompt_tokens=prompt_tokens,
         response_tokens=response_tokens, nbytes=store_nbytes(path), provenance=meta.provenance.to_dict(),
+        problems=problems,
     )
 
 
-__all__ = ["VerifyReport", "verify_store", "inspect_store"]
+__all__ = ["FileCheckStats", "VerifyReport", "check_store_files", "verify_store", "inspect_store"]

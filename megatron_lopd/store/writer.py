@@ -10,7 +10,7 @@ Usage (each scoring process, on any node, one per GPU or SLURM task)::
     # once, after every writer has exited (e.g. a dependent SLURM job):
     finalize_store(path)
 
-Rules that make this safe without locks:
+Rules that make this safe:
 
 - ``create`` is idempotent: the root ``zarr.json`` is published with an exclusive
   ``link``, so exactly one caller creates it and every other caller compares parameters
@@ -26,6 +26,15 @@ Rules that make this safe without locks:
   gathers the per-sequence arrays store-wide, consolidates metadata and sets ``complete``.
 - ``pending_shards(worker=i, num_workers=n)`` assigns shard ``s`` to worker ``s % n``
   (deterministic, balanced) and lists the ones without a marker.
+- One writer per shard: ``write_shard`` holds an advisory lock ``markers/NNNNNN.lock``
+  (`megatron_lopd.runtime.files.OutputLock`: host, pid, SLURM job) while it writes; a
+  second process gets `LockedError` naming the holder (``claim_shard`` takes the lock
+  before the expensive scoring, so a scorer skips shards another live one holds). A lock
+  of a dead holder is taken over with a warning. `finalize_store` holds the store's
+  ``.lopd.lock``: one finalizer at a time.
+- ``overwrite`` deletes only a directory that is provably a teacher store (its root
+  ``zarr.json`` has the store attribute) and no live writer holds; anything else is
+  refused naming what was found.
 
 Memory: a writer holds one shard (``sequences_per_shard`` sequences) at a time.
 """
@@ -39,13 +48,14 @@ import shutil
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 from megatron_lopd.errors import ArtifactError, ConfigError
+from megatron_lopd.runtime.files import LOCK_NAME, LockedError, OutputLock, describe_holder, os_error_fix, os_error_reason, remove_owned_dir
 from megatron_lopd.store.format import write_small_array, write_token_array
 from megatron_lopd.store.schema import (
     ENCODINGS,
@@ -95,6 +105,10 @@ def _json_bytes(obj: Any) -> bytes:
 def read_root(path: Path) -> dict[str, Any]:
     """The root ``zarr.json`` of a teacher store as a dict; ArtifactError if it is not one."""
     root = Path(path) / "zarr.json"
+    if not Path(path).exists():
+        raise ArtifactError(f"{path}: not a teacher store (it does not exist)", "check the path, or create the store with `lopd score`")
+    if not Path(path).is_dir():
+        raise ArtifactError(f"{path}: not a teacher store (a file, not a directory)", "pass the directory `lopd score --out` wrote")
     try:
         doc = json.loads(root.read_text())
     except FileNotFoundError as exc:
@@ -106,6 +120,32 @@ def read_root(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path}: a zarr hierarchy but not a teacher store (no {ROOT_ATTR!r} attribute)",
                             "point at a store written by megatron_lopd.store")
     return doc
+
+
+def is_teacher_store(path: str | os.PathLike) -> bool:
+    """True only if ``path`` provably is a teacher store: its root zarr.json carries the store attribute.
+    A directory holding only the temporaries of a creator killed before publishing counts too."""
+    path = Path(path)
+    try:
+        doc = json.loads((path / "zarr.json").read_text())
+        return isinstance(doc, dict) and ROOT_ATTR in (doc.get("attributes") or {})
+    except FileNotFoundError:
+        entries = [p.name for p in path.iterdir() if p.name != LOCK_NAME] if path.is_dir() else []
+        return bool(entries) and all(n.startswith(".zarr.json.") and n.endswith(".tmp") for n in entries)
+    except (OSError, ValueError):
+        return False
+
+
+def live_locks(path: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The store's locks (shard writers, finalizer) whose holder may still be alive."""
+
+    out = []
+    for lock_path in [path / LOCK_NAME, *sorted((path / MARKERS_DIR).glob("*.lock"))]:
+        lock = OutputLock(lock_path, "teacher store")
+        holder = lock.read_holder()
+        if holder is not None and lock.stale_reason(holder) is None:
+            out.append((lock_path, holder))
+    return out
 
 
 def read_meta(path: Path) -> StoreMeta:
@@ -149,12 +189,14 @@ def _content_digest(hashes: Iterable[str]) -> str:
 class StoreWriter:
     """Writes whole shards of one teacher store. See the module docstring for the protocol."""
 
-    def __init__(self, path: Path, meta: StoreMeta, fsync: bool = True):
+    def __init__(self, path: Path, meta: StoreMeta, fsync: bool = True, overwrite_flag: str = "overwrite=True"):
         self.path = Path(path)
         self.meta = meta
         # fsync makes a finished shard survive a node crash / power loss too; SIGKILL safety
         # does not need it (the page cache survives the process). ~5 ms per file here.
         self.fsync = fsync
+        self.overwrite_flag = overwrite_flag
+        self._claims: dict[int, OutputLock] = {}
 
     # ---- creation / opening -------------------------------------------------------------
 
@@ -173,11 +215,15 @@ class StoreWriter:
         clevel: int = 3,
         overwrite: bool = False,
         fsync: bool = True,
+        overwrite_flag: str = "overwrite=True",
     ) -> "StoreWriter":
         """Create the store layout, or open it if it exists with identical parameters.
 
         ``overwrite=True`` deletes an existing store first: do that from one process
-        before starting the writers, never from several concurrent ones.
+        before starting the writers, never from several concurrent ones. Only a directory
+        that is provably a teacher store, with no live writer, is deleted; anything else
+        raises `ArtifactError` naming what is there. ``overwrite_flag``: how messages name
+        the option to the user (the CLI passes ``--overwrite``).
         """
         path = Path(path)
         for name, value, low in (("num_sequences", num_sequences, 1), ("vocab_size", vocab_size, 1),
@@ -195,13 +241,26 @@ class StoreWriter:
             sequences_per_shard=int(sequences_per_shard), has_rollout_logprobs=bool(has_rollout_logprobs),
             provenance=StoreProvenance.coerce(provenance), chunk_tokens=int(chunk_tokens), clevel=int(clevel),
         )
+        if path.exists() and not path.is_dir():
+            raise ArtifactError(f"teacher store {path} is a file, not a directory", "choose a directory path for the store")
         if overwrite and path.exists():
-            shutil.rmtree(path)
+
+            if is_teacher_store(path):  # never delete under a live writer
+                busy = live_locks(path)
+                if busy:
+                    raise LockedError(
+                        f"{overwrite_flag} refused: teacher store {path} is being written by "
+                        f"{describe_holder(busy[0][1])} (lock {busy[0][0]})",
+                        "wait for that process to finish or stop it; nothing was deleted")
+            remove_owned_dir(path, is_teacher_store, "teacher store", flag=overwrite_flag)
         # Another creator's root temp file may be there for a moment (concurrent writers race to create).
-        if path.exists() and not (path / "zarr.json").exists() and any(
-                not p.name.startswith(".zarr.json.") for p in path.iterdir()):
-            raise ArtifactError(f"{path}: exists and is not a teacher store",
-                                "choose an empty or new directory, or pass overwrite=True")
+        if path.exists() and not (path / "zarr.json").exists():
+            others = sorted(p.name for p in path.iterdir()
+                            if not p.name.startswith((".zarr.json.", ".lopd-write-probe.")) and p.name != LOCK_NAME)
+            if others:
+                shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+                raise ArtifactError(f"{path}: exists and is not a teacher store (it holds {shown})",
+                                    "choose an empty or new directory for the store")
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / f".zarr.json.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.write_bytes(_json_bytes({**_GROUP_JSON, "attributes": {ROOT_ATTR: meta.to_attrs()}}))
@@ -218,24 +277,24 @@ class StoreWriter:
                 diff = _describe_diff(existing.layout_key(), meta.layout_key())
                 raise ArtifactError(
                     f"teacher store {path} exists with different parameters: {diff}",
-                    "use a new path, pass the parameters it was created with, or overwrite=True to rescore from scratch",
+                    f"use a new path, pass the parameters it was created with, or {overwrite_flag} to rescore from scratch",
                 )
             meta = existing
         for sub in (SHARDS_DIR, MARKERS_DIR):
             (path / sub).mkdir(exist_ok=True)
         if not (path / SHARDS_DIR / "zarr.json").exists():
             _write_file_atomic(path / SHARDS_DIR / "zarr.json", _json_bytes(_GROUP_JSON))
-        return cls(path, meta, fsync)
+        return cls(path, meta, fsync, overwrite_flag=overwrite_flag)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, fsync: bool = True) -> "StoreWriter":
+    def open(cls, path: str | os.PathLike, *, fsync: bool = True, overwrite_flag: str = "overwrite=True") -> "StoreWriter":
         """Open an existing store for writing more shards (a resumed run)."""
         path = Path(path)
         meta = read_meta(path)
         if meta.complete:
             raise ArtifactError(f"teacher store {path} is already complete (finalized)",
-                                "nothing to write; pass overwrite=True to StoreWriter.create to rescore")
-        return cls(path, meta, fsync)
+                                f"nothing to write; pass {overwrite_flag} to rescore")
+        return cls(path, meta, fsync, overwrite_flag=overwrite_flag)
 
     # ---- shards ---------------------------------------------------------------------------
 
@@ -266,6 +325,35 @@ class StoreWriter:
     def marker(self, shard_id: int) -> ShardMarker | None:
         return ShardMarker.read(self.marker_path(shard_id))
 
+    def lock_path(self, shard_id: int) -> Path:
+        return self.path / MARKERS_DIR / f"{shard_name(shard_id)}.lock"
+
+    def claim_shard(self, shard_id: int) -> OutputLock:
+        """Take shard ``shard_id``'s writer lock until `release_shard` (or `write_shard` returns).
+
+        Raises `LockedError` naming the holder while another live process holds it; a dead
+        holder's lock is taken over with a warning. Claim before expensive work (scoring),
+        then check `is_done` again: the previous holder may have finished the shard.
+        """
+
+        self.shard_range(shard_id)  # range check
+        if shard_id in self._claims:
+            return self._claims[shard_id]
+        lock = OutputLock(self.lock_path(shard_id), f"teacher store shard {shard_id}")
+        holder = lock.try_acquire()
+        if holder is not None:
+            raise LockedError(
+                f"teacher store {self.path}: shard {shard_id} is being written by {describe_holder(holder)} "
+                f"(lock {lock.path})",
+                "let that process finish the shard, or stop it; a dead holder's lock is taken over automatically")
+        self._claims[shard_id] = lock
+        return lock
+
+    def release_shard(self, shard_id: int) -> None:
+        lock = self._claims.pop(shard_id, None)
+        if lock is not None:
+            lock.release()
+
     def is_done(self, shard_id: int) -> bool:
         return self.marker_path(shard_id).exists()
 
@@ -283,8 +371,17 @@ class StoreWriter:
         """Validate and write all sequences of one shard; returns its done marker.
 
         A shard that already has a marker is not rewritten: identical content returns the
-        existing marker, different content raises `ArtifactError`.
+        existing marker, different content raises `ArtifactError`. The shard's writer lock is
+        held meanwhile (taken here unless `claim_shard` took it; released on return either way):
+        `LockedError` if another live process holds it.
         """
+        self.claim_shard(shard_id)
+        try:
+            return self._write_shard_locked(shard_id, records)
+        finally:
+            self.release_shard(shard_id)
+
+    def _write_shard_locked(self, shard_id: int, records: list[SequenceRecord]) -> ShardMarker:
         rng = self.shard_range(shard_id)
         if len(records) != len(rng):
             raise RecordError(
@@ -302,7 +399,7 @@ class StoreWriter:
             if existing.content_digest != digest:
                 raise ArtifactError(
                     f"teacher store {self.path}: shard {shard_id} is already written with different content",
-                    "the rollouts changed: score into a new store (or overwrite=True)",
+                    f"the rollouts changed: score into a new store (or {self.overwrite_flag})",
                 )
             return existing
 
@@ -323,8 +420,13 @@ class StoreWriter:
             os.rename(tmp, final)
             if self.fsync:
                 _fsync_path(shards_dir, directory=True)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):  # a full disk, a read-only or vanished directory: one line
+
+                raise ArtifactError(
+                    f"teacher store {self.path}: cannot write shard {shard_id} ({exc.filename or final}): "
+                    f"{os_error_reason(exc)}", os_error_fix(exc)) from None
             raise
         marker = ShardMarker(
             shard=shard_id, first_sequence=rng.start, num_sequences=len(rng),
@@ -412,6 +514,7 @@ class StoreSummary:
     response_tokens: int
     nbytes: int
     provenance: dict[str, Any]
+    problems: list[str] = field(default_factory=list)  # missing markers / shard directories / files (inspect)
 
     @property
     def bytes_per_token(self) -> float:
@@ -449,13 +552,23 @@ def finalize_store(path: str | os.PathLike, *, verify: bool = True, progress: bo
 
     Run once, by one process, after all writers have exited. Idempotent: finalizing a
     complete store re-checks it and returns its summary. ``verify=True`` reads every
-    chunk of every shard (checksums, content hashes) before publishing ``complete``.
+    chunk of every shard (checksums, content hashes) before publishing ``complete``;
+    without it every marker, shard directory and file size is still checked. Holds the
+    store's lock: a second concurrent finalizer gets `LockedError` naming the first.
     """
+
+    path = Path(path)
+    read_meta(path)  # a clear error for a path that is not a store, before any lock file is written
+    with OutputLock(path / LOCK_NAME, f"teacher store {path} (finalize)"):
+        return _finalize_locked(path, verify=verify, progress=progress)
+
+
+def _finalize_locked(path: Path, *, verify: bool, progress: bool) -> StoreSummary:
     import zarr
+
 
     from megatron_lopd.store.format import read_small_array
 
-    path = Path(path)
     meta = read_meta(path)
     if meta.complete:
         return _finalized_summary(path, meta, verify=verify, progress=progress)
@@ -474,10 +587,19 @@ def finalize_store(path: str | os.PathLike, *, verify: bool = True, progress: bo
         if not report.ok:
             raise ArtifactError(f"teacher store {path}: {report.first_problem}",
                                 "delete the named shard's marker, rerun its writer, then finalize again")
+    else:
+        from megatron_lopd.store.verify import check_store_files
+
+        check_store_files(path, checksums=False, require_complete=False)
     for stale in (path / SHARDS_DIR).glob(".tmp-*"):  # left by killed writers; all writers are done
         shutil.rmtree(stale, ignore_errors=True)
     for stale in (path / MARKERS_DIR).glob(".*.tmp"):
         stale.unlink(missing_ok=True)
+    for lock_path in (path / MARKERS_DIR).glob("*.lock"):  # of writers killed after their marker
+        lock = OutputLock(lock_path, "teacher store shard")
+        holder = lock.read_holder()
+        if holder is not None and lock.stale_reason(holder) is not None:
+            lock_path.unlink(missing_ok=True)
 
     gathered: dict[str, list[np.ndarray]] = {}
     for s in range(meta.num_shards):

@@ -343,7 +343,8 @@ class Trainer:
             try:
                 result = fn()
             except LopdError as exc:
-                error = (type(exc).__name__, exc.what, exc.fix)
+                base = next(c for c in type(exc).__mro__ if c in (ArtifactError, ConfigError, ConsistencyError, LopdError))
+                error = (base.__name__, exc.what, exc.fix)
         box = [error]
         torch.distributed.broadcast_object_list(box, src=0)
         if box[0] is not None:
@@ -372,6 +373,11 @@ class Trainer:
         check_writable_dir(self.run_dir, "run_dir")
         self.lock = OutputLock(self.run_dir / LOCK_NAME, "run dir").acquire()
         start, source, warnings, record = self.check_inputs()
+        if self.config.loss != "sft":
+            from megatron_lopd.store import check_store_files
+
+            # A damaged shard fails here in a second, not when training reaches it hours later.
+            check_store_files(self.config.data.store)
         resume_from = self._find_resume()
         changes = {}
         if resume_from is not None:
@@ -940,15 +946,19 @@ def train(config: TrainConfig) -> RunSummary:
     """Run (or resume) a training run. Call in every process of the launch (torchrun, srun, or one)."""
     from megatron_lopd.runtime import destroy_distributed
 
+    from megatron_lopd.runtime.lifetime import children_die_with_parent
+
     trainer = Trainer(config)
     restore_handlers = trainer.install_stop_handlers()
-    try:
-        trainer.setup()
-        summary = trainer.run()
-    finally:
-        restore_handlers()
-        trainer.close()
-        destroy_distributed()
+    # The checkpoint writer's processes (dist_checkpointing's manager and writers) die with us.
+    with children_die_with_parent():
+        try:
+            trainer.setup()
+            summary = trainer.run()
+        finally:
+            restore_handlers()
+            trainer.close()
+            destroy_distributed()
     check_teacher_scores(config, summary)
     return summary
 

@@ -3,12 +3,14 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from megatron_lopd.pipeline import STAGE_NAMES, PipelineConfig, status
 from recipes.lightning_opd import pipeline_config, qwen3_4b, qwen3_8b, qwen3_30b_a3b, tiny
 from tests.launch.conftest import REPO, SLURM_EXECUTOR, VENV_BIN, launch_env, recipe_cmd, run_recipe
+from tests.launch.test_pipeline import sft_data_done  # noqa: F401  (fixture: real SFT data of the tiny teacher)
 
 
 def test_factories_carry_the_paper_settings():
@@ -196,7 +198,8 @@ def test_inconsistent_teacher_is_refused_before_anything_runs(slurm, slurm_pipel
     path = config.save(tmp_path / "pipeline.json")
     out = subprocess.run([str(VENV_BIN / "lopd"), "pipeline", "run", "--config", str(path)],
                          env=launch_env(), capture_output=True, text=True, timeout=600)
-    assert out.returncode == 2 and "teacher inconsistency: the store was scored by model-" in out.stderr, out.stderr[-2000:]
+    # the SFT data records the old teacher: stale, refused in one line (with --rerun-stale it would be remade)
+    assert out.returncode == 2 and "are stale (sft_data, sft)" in out.stderr and "teacher: recorded model-" in out.stderr, out.stderr[-2000:]
     assert not (fresh / "rollouts").exists()
     # 2. one stage alone (train) on a store from another teacher: refused before it is queued
     for done in ("rollouts",):
@@ -205,5 +208,66 @@ def test_inconsistent_teacher_is_refused_before_anything_runs(slurm, slurm_pipel
     before = slurm.next_job_id()
     out = run_recipe(slurm, nemorun_home, tiny_inputs, "--factory", "tiny", *SLURM_EXECUTOR, f"work_dir={fresh}", "stages=train", "--yes")
     assert out.returncode == 2, out.stdout[-2000:]
-    assert "lightning_opd: error: teacher inconsistency" in out.stderr
+    # the store records another teacher than the config's: stale at submit time
+    assert "lightning_opd: error: stage train needs store" in out.stderr and "which is stale: teacher: recorded model-" in out.stderr
     assert slurm.next_job_id() == before
+
+
+# --------------------------------------------------------------------------- the recipe CLI without a terminal (issue 12, item 13)
+def _recipe(*args: str, tmp_path=None):
+    """The recipe as CI runs it: stdin is not a terminal (closed)."""
+    return subprocess.run(recipe_cmd(*args), cwd=REPO, env=launch_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lightning_opd: error: "), proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_recipe_cli_reports_bad_arguments_in_one_line():
+    line = _one_error_line(_recipe("--factory", "qwen3_8b", "trainer.lrr=1e-6", "--dryrun"))
+    assert "unknown key 'trainer.lrr'" in line and "did you mean trainer.lr" in line
+    line = _one_error_line(_recipe("--factory", "qwen3_8bb", "--dryrun"))
+    assert "unknown factory 'qwen3_8bb' (did you mean qwen3_8b?)" in line and "qwen3_4b, qwen3_30b_a3b, tiny" in line
+    line = _one_error_line(_recipe("--factory", "tiny", "trainer.lr=fast", "sft_data.tempreature=1"))
+    assert "bad value for trainer.lr: 'fast' is not a number" in line
+    line = _one_error_line(_recipe("--factory", "tiny", "trainer.lr=1e-6"))  # a launch without --yes: nobody to ask
+    assert "no terminal to confirm" in line and "--yes" in line
+
+
+def test_recipe_dryrun_never_asks_for_confirmation(tmp_path):
+    proc = _recipe("--factory", "tiny", f"work_dir={tmp_path / 'w'}", "--dryrun")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Continue?" not in proc.stdout and "Unexpected error" not in proc.stderr
+    assert "[lightning_opd] sft_data: " in proc.stdout  # the plan
+    assert not (tmp_path / "w").exists()
+
+
+def test_recipe_refuses_stale_outputs_at_submit_time(sft_data_done, tmp_path, monkeypatch, capsys):
+    """On SLURM each job runs one stage, so the stale check happens when the jobs are submitted:
+    refused before anything is queued (or `sinfo` is asked), and pipeline.json is not rewritten."""
+    import dataclasses
+
+    import fiddle as fdl
+
+    from megatron_lopd.pipeline import StaleError
+    from recipes.lightning_opd import launch, slurm
+
+    monkeypatch.setattr("nemo_run.config._NEMORUN_HOME", str(tmp_path / "nemorun"))
+    config, inputs = sft_data_done
+    work = Path(config.work_dir)
+    record = (work / "pipeline.json").read_bytes()
+    changed = dataclasses.replace(config, teacher=str(inputs / "student"))
+    executor = fdl.build(slurm())
+    executor.account = "acct"
+    with pytest.raises(StaleError, match=r"stage\(s\) are stale \(sft_data\).*teacher: recorded model-"):
+        launch(changed, "all", executor)
+    assert "sft_data: teacher: recorded model-" in capsys.readouterr().out  # one line per stale stage
+    with pytest.raises(StaleError):
+        launch(changed, "all", None)  # in this process: the same check
+    # a dry run with rerun_stale shows what would be remade and moves nothing
+    assert launch(changed, "all", None, dryrun=True, rerun_stale=True) == 0
+    assert "stale, made again: sft_data (dry run: nothing is moved)" in capsys.readouterr().out
+    assert (work / "pipeline.json").read_bytes() == record and not list(work.glob("*.stale-*"))

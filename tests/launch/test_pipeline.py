@@ -168,3 +168,122 @@ def test_lopd_pipeline_cli_reports_bad_config_in_one_line(tmp_path):
     path.write_text(json.dumps(data))
     out = subprocess.run([LOPD, "pipeline", "status", "--config", str(path)], capture_output=True, text=True)
     assert out.returncode == 2 and "trainer: steps: 'many' is not an integer" in out.stderr
+
+
+# --------------------------------------------------------------------------- stale outputs (issue 12, item 4)
+@pytest.fixture(scope="module")
+def sft_data_done(tmp_path_factory):
+    """Real SFT data written by the tiny teacher (`lopd generate`, HF backend, seconds on CPU);
+    the pipeline config that wrote it is saved as <work>/pipeline.json."""
+    from recipes.lightning_opd import pipeline_config, tiny, write_tiny_inputs
+
+    inputs = write_tiny_inputs(str(tmp_path_factory.mktemp("tiny_inputs")))
+    config = pipeline_config(tiny())
+    config.work_dir = str(tmp_path_factory.mktemp("stale") / "work")
+    config.teacher, config.base_student = str(inputs / "teacher"), str(inputs / "student")
+    config.sft_prompts, config.opd_prompts, config.eval_data = (str(inputs / n) for n in ("sft_prompts.jsonl", "opd_prompts.jsonl", "eval.jsonl"))
+    run_local(config, "sft_data", echo=lambda line: None)
+    return config, inputs
+
+
+def _states(config) -> dict[str, tuple[str, str]]:
+    return {r.name: (r.status, r.detail) for r in status(config)}
+
+
+def test_changed_teacher_or_settings_make_finished_outputs_stale(sft_data_done, tmp_path):
+    import dataclasses
+
+    from megatron_lopd.pipeline import StaleError
+    from megatron_lopd.provenance import model_fingerprint
+
+    config, inputs = sft_data_done
+    work = Path(config.work_dir)
+    record = (work / "pipeline.json").read_bytes()
+    assert _states(config)["sft_data"][0] == "done"
+    old_fp, new_fp = model_fingerprint(inputs / "teacher"), model_fingerprint(inputs / "student")
+    # 1. another teacher: the SFT data records the old one -> stale, with both fingerprints
+    changed = dataclasses.replace(config, teacher=str(inputs / "student"))
+    status_, detail = _states(changed)["sft_data"]
+    assert status_ == "stale" and f"teacher: recorded {old_fp}, now {new_fp} ({inputs / 'student'})" in detail
+    with pytest.raises(StaleError, match=r"stage\(s\) are stale \(sft_data\).*teacher: recorded model-"):
+        run_local(changed, "sft_data", echo=lambda line: None)
+    with pytest.raises(StaleError, match="needs sft_data .* from stage sft_data, which is stale: teacher"):
+        run_local(changed, "sft", echo=lambda line: None)
+    assert (work / "pipeline.json").read_bytes() == record  # the record still names the teacher that wrote the data
+    # 2. a sampling setting, and 3. the prompts' content (same file name, other text)
+    hotter = dataclasses.replace(config, sft_data=dataclasses.replace(config.sft_data, temperature=0.5))
+    assert "sft_data.temperature: recorded 1.0, now 0.5" in _states(hotter)["sft_data"][1]
+    prompts = tmp_path / "sft_prompts.jsonl"
+    prompts.write_text(Path(config.sft_prompts).read_text().replace("Add 0", "Add 9"))
+    assert _states(dataclasses.replace(config, sft_prompts=str(prompts)))["sft_data"][1].startswith("prompts: recorded prompts-")
+    # the CLI: one line per stage, exit 3; run refuses in one line, exit 2, and rewrites nothing
+    path = changed.save(tmp_path / "changed.json")
+    out = subprocess.run([LOPD, "pipeline", "status", "--config", str(path)], capture_output=True, text=True)
+    assert out.returncode == 3, out.stderr
+    lines = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.strip().splitlines()}
+    assert lines["sft_data"][0] == "stale" and f"recorded {old_fp}, now {new_fp}" in lines["sft_data"][1]
+    out = subprocess.run([LOPD, "pipeline", "run", "--config", str(path), "--stages", "sft_data"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "are stale (sft_data)" in out.stderr, out.stderr
+    assert "sft_data: teacher: recorded" in out.stdout
+    assert (work / "pipeline.json").read_bytes() == record and not list(work.glob("sft_data.stale-*"))
+
+
+def test_rerun_stale_sets_the_old_output_aside_and_remakes_it(sft_data_done):
+    import dataclasses
+
+    from megatron_lopd.generation.artifact import RolloutArtifact
+    from megatron_lopd.provenance import model_fingerprint
+
+    config, inputs = sft_data_done
+    work = Path(config.work_dir)
+    changed = dataclasses.replace(config, teacher=str(inputs / "student"))
+    lines: list[str] = []
+    run_local(changed, "sft_data", echo=lines.append, rerun_stale=True)
+    (aside,) = work.glob("sft_data.stale-*")  # nothing deleted: the old data is kept beside
+    assert RolloutArtifact.open(aside).generator_fingerprint == model_fingerprint(inputs / "teacher")
+    assert RolloutArtifact.open(work / "sft_data").generator_fingerprint == model_fingerprint(inputs / "student")
+    assert any("stale output moved to" in line for line in lines)
+    assert json.loads((work / "pipeline.json").read_text())["teacher"] == changed.teacher  # written after the check passed
+    assert _states(changed)["sft_data"][0] == "done"
+    assert _states(config)["sft_data"][0] == "stale"  # and the old config now sees the new teacher
+
+
+def test_rerun_of_an_upstream_stage_alone_is_refused_when_it_would_orphan_finished_outputs(tmp_path, monkeypatch):
+    """Stages downstream of a stale one are stale too; a rerun must take them along."""
+    from megatron_lopd.pipeline import StaleError, plan
+
+    config = _config(tmp_path)
+    stages = build_stages(config)
+    by_name = {s.name: s for s in stages}
+    for stage in stages:  # every output "verifies"; only score's recorded settings differ
+        object.__setattr__(stage, "verify", lambda path: "ok")
+        Path(stage.output).mkdir(parents=True, exist_ok=True)
+        object.__setattr__(stage, "provenance", (lambda: ["score.top_k: recorded 4, now 8"]) if stage.name == "score" else (lambda: []))
+    states = {r: s.status for r, s in plan.__globals__["stage_states"](stages).items()}
+    assert states == {"sft_data": "done", "sft": "done", "rollouts": "done", "score": "stale", "train": "stale", "export": "stale", "eval": "stale"}
+    with pytest.raises(StaleError, match=r"4 stage\(s\) are stale \(score, train, export, eval\)"):
+        plan(stages, stages)
+    with pytest.raises(StaleError, match="makes the finished outputs of train, export, eval stale"):
+        plan(stages, [by_name["score"]], rerun_stale=True)
+    checked = plan(stages, stages, rerun_stale=True)
+    assert [s.name for s in checked.todo] == ["score", "train", "export", "eval"] == [s.name for s in checked.stale]
+    assert all(Path(s.output).exists() for s in stages)  # planning moves nothing
+
+
+def test_export_clears_only_a_partial_export_it_wrote(tmp_path):
+    from megatron_lopd.pipeline import StageFailed, run_stage
+
+    config = _config(tmp_path)
+    export = {s.name: s for s in build_stages(config.absolute())}["export"]
+    out = export.output
+    out.mkdir(parents=True)
+    (out / "notes.md").write_text("mine")  # someone else's directory at the export path
+    with pytest.raises(ArtifactError, match="refused: .*student_hf is not a partial HF export .*notes.md"):
+        run_stage(export, echo=lambda line: None)
+    assert (out / "notes.md").read_text() == "mine"
+    (out / "notes.md").unlink()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"partial")  # an interrupted `lopd convert to-hf`
+    (out / "config.json").write_text("{}")
+    with pytest.raises(StageFailed):  # cleared, then the converter fails: there is no training run here
+        run_stage(export, echo=lambda line: None)
+    assert not (out / "model-00001-of-00002.safetensors").exists()

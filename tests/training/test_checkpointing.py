@@ -174,3 +174,36 @@ def test_resume_with_another_data_parallel_size(pipeline, uninterrupted, tmp_pat
     assert got == pytest.approx({s: want[s] for s in got}, rel=1e-5, abs=1e-6)
     meta = json.loads((ckpt / "lopd_checkpoint.json").read_text())
     assert meta["data_parallel"] == saved
+
+
+def test_sigkill_of_the_trainer_leaves_no_checkpoint_writer(pipeline, tmp_path):
+    """dist_checkpointing keeps a manager process (and forks writers while saving): a SIGKILL of
+    `lopd train` alone, as a node's OOM killer or a user would send it, must take them along."""
+    from megatron_lopd.runtime.files import _pid_alive
+    from megatron_lopd.runtime.lifetime import descendants
+
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    overrides = opd_overrides(pipeline, run_dir, train_steps=100000, **{"checkpoint.save_every": 1, "checkpoint.keep_last": 1,
+                                                                         "data.global_batch": 4})
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(_command(1, overrides), env=_env(), stdout=out, stderr=subprocess.STDOUT)
+    children: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while not children:  # the checkpoint manager exists once the first save started
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            if find_latest(run_dir / "checkpoints") is not None:
+                children = descendants(proc.pid)
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # the parent only, not its process group
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        deadline = time.monotonic() + 10
+        while (alive := {p for p in children if _pid_alive(p)}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive, f"survivors of the killed trainer: {alive}"
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -293,6 +293,13 @@ def bad_stores(pipeline):
     out = {"other_tokenizer": write_store(root / "other_tok", recs, **{**fps, "tokenizer_fp": "tok-someone-else"})}
     big = dataclasses.replace(recs[5], response_ids=np.where(np.arange(len(recs[5].response_ids)) == 2, 200, recs[5].response_ids).astype(np.int32))
     out["big_ids"] = write_store(root / "big_ids", [big if i == 5 else r for i, r in enumerate(recs)], **fps, vocab_size=256)
+    # One flipped byte in the last shard's teacher log-probs: found before the first step, not at the last.
+    out["corrupted"] = write_store(root / "corrupted", recs, **fps)
+    chunk = max((p for p in (out["corrupted"] / "shards" / "000001" / "teacher_logprobs" / "c").rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
     return out
 
 
@@ -353,6 +360,7 @@ def test_bad_input_and_nonfinite_steps(pipeline, bad_stores, tmp_path):
         "past_context": run("g", **{"data.seq_length": 1024}),
         "fp8_without_te": run("h", **{"model.fp8": "delayed"}),
         "ids_past_vocab": run("i", **{"data.store": bad_stores["big_ids"], "data.seed": 5}),
+        "corrupted": run("l", **{"data.store": bad_stores["corrupted"]}),
         "diverged": run("k", **{"optimizer.lr": 1e30, "optimizer.clip_grad": 0, "max_consecutive_nonfinite": 3}),
     }
     got = dict(zip(cases, run_distributed(_train_runs, world_size=1, runs=list(cases.values()))[0]))
@@ -373,6 +381,9 @@ def test_bad_input_and_nonfinite_steps(pipeline, bad_stores, tmp_path):
     diverged = read_metrics(tmp_path / "k")
     assert [r["skipped"] for r in diverged] == [False, True, True, True] and diverged[-1]["nonfinite_steps"] == 3
     assert not (tmp_path / "a" / "metrics.jsonl").exists()  # refused before any step
+    assert f"teacher store {bad_stores['corrupted']}: array 'teacher_logprobs' of shard 1" in got["corrupted"]["error"], got["corrupted"]
+    assert got["corrupted"]["error"].startswith("ArtifactError: ") and "checksum error in inner chunk" in got["corrupted"]["error"]
+    assert not (tmp_path / "l" / "metrics.jsonl").exists()
 
     # The research opt-out trains, says so in the run's metadata.
     assert "error" not in got["teacher_opt_out"] and got["teacher_opt_out"]["warnings"]
