@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -449,7 +448,6 @@ class _Progress:
             shutil.rmtree(self.dir, ignore_errors=True)  # batches without settings: nothing to trust
             self.dir.mkdir()
             atomic_write(settings_path, json.dumps(settings, indent=2) + "\n", fsync=True)
-            _fsync_dir(self.dir)
             return {}
         try:
             recorded = json.loads(settings_path.read_text())
@@ -476,25 +474,10 @@ class _Progress:
     def commit(self, records: list[dict[str, Any]]) -> None:
         path = self.dir / f"batch-{self.next_batch:06d}.jsonl"
         atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), fsync=True)
-        _fsync_dir(self.dir)
         self.next_batch += 1
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (a no-op where the file system cannot)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _read_summary(path: Path) -> EvalSummary:

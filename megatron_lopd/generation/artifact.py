@@ -64,20 +64,6 @@ def is_rollout_artifact(path: str | Path) -> bool:
     return False
 
 
-def _file_mode() -> int:
-    """The mode a regular file created by open() gets here: 0o666 less the umask."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def chunk_name(chunk_id: int) -> str:
     return f"chunk-{chunk_id:06d}.safetensors"
 
@@ -261,7 +247,7 @@ class ArtifactWriter:
 
         data = save(_encode_chunk(records, self.n, self.has_logprobs))
         try:
-            atomic_write(final, data, mode=_file_mode())
+            atomic_write(final, data)
         except OSError as exc:
             raise ArtifactError(f"rollout artifact {self.path}: cannot write {final.name}: {os_error_reason(exc)}",
                                 f"{os_error_fix(exc)} (the --out directory)") from None

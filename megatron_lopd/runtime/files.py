@@ -36,8 +36,33 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".lopd.lock"
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = False, mode: int = 0o644) -> None:
-    """Write to a private temporary beside ``path`` and rename it over ``path``."""
+def regular_file_mode() -> int:
+    """The mode `open()` gives a new file here: 0o666 less the umask (read without changing it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (a directory: its entries, i.e. renames into it, are durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = False) -> None:
+    """Write to a private temporary beside ``path`` and rename it over ``path``; the file gets
+    the regular mode (never a temporary's 0600). ``fsync``: the data and the rename survive a
+    node crash too (SIGKILL safety does not need it)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     raw = data.encode() if isinstance(data, str) else data
@@ -47,11 +72,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = Fa
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        os.chmod(tmp, regular_file_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if fsync:
+        fsync_path(path.parent)
 
 
 # ----------------------------------------------------------------------------- locks

@@ -55,7 +55,17 @@ from typing import Any, Iterable
 import numpy as np
 
 from megatron_lopd.errors import ArtifactError, ConfigError
-from megatron_lopd.runtime.files import LOCK_NAME, LockedError, OutputLock, describe_holder, os_error_fix, os_error_reason, remove_owned_dir
+from megatron_lopd.runtime.files import (
+    LOCK_NAME,
+    LockedError,
+    OutputLock,
+    atomic_write,
+    describe_holder,
+    fsync_path,
+    os_error_fix,
+    os_error_reason,
+    remove_owned_dir,
+)
 from megatron_lopd.store.format import write_small_array, write_token_array
 from megatron_lopd.store.schema import (
     ENCODINGS,
@@ -75,27 +85,6 @@ from megatron_lopd.store.schema import (
 )
 
 _GROUP_JSON = {"zarr_format": 3, "node_type": "group", "attributes": {}}
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Write to a private temporary, fsync, rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        _fsync_path(path.parent, directory=True)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -283,7 +272,7 @@ class StoreWriter:
         for sub in (SHARDS_DIR, MARKERS_DIR):
             (path / sub).mkdir(exist_ok=True)
         if not (path / SHARDS_DIR / "zarr.json").exists():
-            _write_file_atomic(path / SHARDS_DIR / "zarr.json", _json_bytes(_GROUP_JSON))
+            atomic_write(path / SHARDS_DIR / "zarr.json", _json_bytes(_GROUP_JSON), fsync=True)
         return cls(path, meta, fsync, overwrite_flag=overwrite_flag)
 
     @classmethod
@@ -413,13 +402,13 @@ class StoreWriter:
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             if self.fsync:
                 for p in tmp.rglob("*"):
-                    _fsync_path(p, directory=p.is_dir())
-                _fsync_path(tmp, directory=True)
+                    fsync_path(p)
+                fsync_path(tmp)
             if final.exists():  # renamed by a writer killed before its marker: redo
                 shutil.rmtree(final)
             os.rename(tmp, final)
             if self.fsync:
-                _fsync_path(shards_dir, directory=True)
+                fsync_path(shards_dir)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError):  # a full disk, a read-only or vanished directory: one line
@@ -435,7 +424,7 @@ class StoreWriter:
             content_digest=digest, files={k: v for k, v in files.items() if not k.endswith("zarr.json")},
             written_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname(), pid=os.getpid(),
         )
-        _write_file_atomic(self.marker_path(shard_id), _json_bytes(marker.__dict__), fsync=self.fsync)
+        atomic_write(self.marker_path(shard_id), _json_bytes(marker.__dict__), fsync=self.fsync)
         return marker
 
     def _write_arrays(self, directory: Path, shard_id: int, recs: list[SequenceRecord], hashes: list[str]) -> None:
@@ -532,7 +521,7 @@ def _publish_root(path: Path, meta: StoreMeta, consolidated: dict[str, Any] | No
     doc: dict[str, Any] = {**_GROUP_JSON, "attributes": {ROOT_ATTR: meta.to_attrs()}}
     if consolidated is not None:
         doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
-    _write_file_atomic(path / "zarr.json", _json_bytes(doc))
+    atomic_write(path / "zarr.json", _json_bytes(doc), fsync=True)
 
 
 def _consolidated(path: Path) -> dict[str, Any]:

@@ -146,14 +146,14 @@ _CHILD = textwrap.dedent(
             return orig(*a, **k)
         writer_mod.write_token_array = patched
     elif kill_point == "before_marker":  # shard renamed into place, marker not yet written
-        orig_atomic, seen = writer_mod._write_file_atomic, [0]
+        orig_atomic, seen = writer_mod.atomic_write, [0]
         def patched(p, data, **kw):
             if "markers" in str(p):
                 seen[0] += 1
                 if seen[0] == 2:
                     die()
             return orig_atomic(p, data, **kw)
-        writer_mod._write_file_atomic = patched
+        writer_mod.atomic_write = patched
     elif kill_point == "marker_tmp":  # marker temporary written, not yet renamed
         orig_replace, seen = os.replace, [0]
         def patched(src, dst):
