@@ -44,8 +44,10 @@ from megatron_lopd.store import (
     StoreWriter,
     SyntheticSpec,
     TeacherStore,
+    check_store_files,
     finalize_store,
     synthetic_record,
+    verify_store,
 )
 from megatron_lopd.store.schema import aligned_positions
 
@@ -96,6 +98,12 @@ def write_store(path: Path, records, k: int, sps: int, workers: int, chunk_token
         p.join()
         if p.exitcode:
             raise SystemExit(f"writer process failed with exit code {p.exitcode}")
+    return time.perf_counter() - t0
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
     return time.perf_counter() - t0
 
 
@@ -292,6 +300,10 @@ def main() -> int:
             seconds = write_store(path, recs, k, args.sequences_per_shard, workers, args.chunk_tokens, args.clevel)
             res[f"write_tokens_per_s_{workers}proc"] = tokens / seconds
         finalize_store(path, verify=False)
+        # The trainer's check before its first step (markers, sizes, every chunk's crc32c, no
+        # decoding) against the full verify (decodes and re-hashes everything).
+        res["check_seconds"] = min(_seconds(lambda: check_store_files(path)) for _ in range(args.repeats))
+        res["verify_seconds"] = _seconds(lambda: verify_store(path))
         res["bytes_per_token"] = dir_bytes(path) / tokens
         arrays = per_array_bytes(path)
         res["array_bytes_per_token"] = {n: b / tokens for n, b in sorted(arrays.items())}
@@ -328,6 +340,8 @@ def main() -> int:
         print(f"k={k:>2}: {res['bytes_per_token']:.1f} B/token on disk ({res['data_bytes_per_token']:.1f} in data files; "
               f"plain Blosc-zstd {res['baseline_bytes_per_token']:.1f}) | write {res['write_tokens_per_s_1proc'] / 1e6:.2f} "
               f"M tok/s (1 proc), {res['write_tokens_per_s_2proc'] / 1e6:.2f} (2 procs)")
+        print(f"   pre-training check {res['check_seconds']:.3f} s ({res['check_seconds'] / tokens * 1e6:.3f} s per M tokens), "
+              f"full verify {res['verify_seconds']:.2f} s: check/verify {res['check_seconds'] / res['verify_seconds']:.3f}")
         print("   read M tok/s (wall): " + ", ".join(f"{n} {v:.2f}" for n, v in r.items())
               + f" | store/memmap {r['store'] / r['memmap']:.3f}")
         print("   read M tok per CPU-second: " + ", ".join(f"{n} {v:.2f}" for n, v in rc.items()))

@@ -373,11 +373,13 @@ class Trainer:
         check_writable_dir(self.run_dir, "run_dir")
         self.lock = OutputLock(self.run_dir / LOCK_NAME, "run dir").acquire()
         start, source, warnings, record = self.check_inputs()
-        if self.config.loss != "sft":
+        from megatron_lopd.training.data import StoreSource
+
+        if isinstance(source, StoreSource):
             from megatron_lopd.store import check_store_files
 
             # A damaged shard fails here in a second, not when training reaches it hours later.
-            check_store_files(self.config.data.store)
+            check_store_files(source.path)
         resume_from = self._find_resume()
         changes = {}
         if resume_from is not None:
