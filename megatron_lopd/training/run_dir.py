@@ -2,7 +2,8 @@
 
 Three rules, checked on rank 0 before any compute:
 
-- A run dir is new, empty, or a run dir of ours (its `manifest.json` is of kind "run"), and
+- A run dir is new, empty (but for `logs/`, where slurm/ scripts log), or a run dir of ours
+  (its `manifest.json` is of kind "run"), and
   never an input of the same run (the start checkpoint, the store, the SFT data): training
   into a Hugging Face model directory would overwrite its config.json.
 - One writer per run dir: `OutputLock` (a job submitted twice is refused while the first
@@ -59,7 +60,8 @@ def check_run_dir(config) -> None:
     from megatron_lopd.provenance import MANIFEST_NAME
     from megatron_lopd.runtime.files import LOCK_NAME
 
-    entries = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
+    # A fresh run dir may already hold our lock and the sbatch script's per-job logs/.
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME and not (p.name == "logs" and p.is_dir()))
     if not entries:
         return
     try:

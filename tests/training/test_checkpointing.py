@@ -133,7 +133,7 @@ def uninterrupted(pipeline, tmp_path_factory):
     for nproc in (1, 2):
         run_dir = tmp_path_factory.mktemp(f"uninterrupted_{nproc}")
         overrides = opd_overrides(pipeline, run_dir, **{"train_steps": STEPS, "checkpoint.save_every": SAVE_EVERY, "checkpoint.keep_last": 0})
-        run_to_completion(nproc, overrides, run_dir / "log.txt")
+        run_to_completion(nproc, overrides, run_dir.with_name(run_dir.name + ".log"))
         out[nproc] = run_dir
     return out
 

@@ -28,7 +28,7 @@ def test_run_dir_must_be_ours_and_not_an_input(tmp_path, tiny_hf_dir):
     store = tmp_path / "store"
     base = {"model.start_from": tiny_hf_dir, "data.store": store}
     check_run_dir(_config(run_dir=tmp_path / "new", **base))  # new: fine
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "logs").mkdir(parents=True)  # slurm/lightning_opd_8b.sh logs there before training
     check_run_dir(_config(run_dir=tmp_path / "empty", **base))
     with pytest.raises(ConfigError, match=rf"run_dir={tiny_hf_dir} overlaps model.start_from=.*never writes into its own inputs"):
         check_run_dir(_config(run_dir=tiny_hf_dir, **base))
