@@ -278,6 +278,7 @@ class Trainer:
         self.lock = None  # rank 0: the run dir's OutputLock
         self.resumes: list[dict[str, Any]] = []
         self.stop_signal: int | None = None  # set by SIGTERM / SIGUSR1 (install_stop_handlers)
+        self.agreed_stop_signal = 0  # the largest stop signal any rank got, known to all after each step
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -332,7 +333,7 @@ class Trainer:
 
             truncate_metrics(self.run_dir, 0)  # an attempt killed before its first checkpoint
         # A finished run asked again with the same settings: nothing to train, nothing to rewrite.
-        self.already_complete = self.step >= self.total_steps and self._recorded_status() == "complete"
+        self.already_complete = self.step >= self.total_steps and self._recorded_extra().get("status") == "complete"
         if not self.already_complete:
             self._start_logging()
 
@@ -366,19 +367,16 @@ class Trainer:
         the inputs pass `check_inputs`, and a resume asks for nothing its checkpoint forbids.
         Returns (start, source, warnings, provenance record, resume checkpoint, resume changes)."""
         from megatron_lopd.runtime.files import LOCK_NAME, OutputLock, check_writable_dir
+        from megatron_lopd.store import check_store_files
         from megatron_lopd.training.checkpointing import read_metadata
+        from megatron_lopd.training.data import StoreSource
         from megatron_lopd.training.run_dir import check_run_dir, resume_changes
 
         check_run_dir(self.config)
         check_writable_dir(self.run_dir, "run_dir")
         self.lock = OutputLock(self.run_dir / LOCK_NAME, "run dir").acquire()
         start, source, warnings, record = self.check_inputs()
-        from megatron_lopd.training.data import StoreSource
-
-        if isinstance(source, StoreSource):
-            from megatron_lopd.store import check_store_files
-
-            # A damaged shard fails here in a second, not when training reaches it hours later.
+        if isinstance(source, StoreSource):  # a damaged shard fails here in a second, not hours into the run
             check_store_files(source.path)
         resume_from = self._find_resume()
         changes = {}
@@ -386,13 +384,15 @@ class Trainer:
             changes = resume_changes(resume_from, read_metadata(resume_from).get("trainer", {}), self.config, record)
         return start, source, warnings, record, resume_from, changes
 
-    def _recorded_status(self) -> str | None:
+    def _recorded_extra(self) -> dict[str, Any]:
+        """`extra` of the run dir's manifest.json as a previous invocation left it ({} if none)."""
         from megatron_lopd.provenance import MANIFEST_NAME
 
         try:
-            return json.loads((self.run_dir / MANIFEST_NAME).read_text())["extra"]["status"]
+            extra = json.loads((self.run_dir / MANIFEST_NAME).read_text())["extra"]
         except (OSError, ValueError, KeyError, TypeError):
-            return None
+            return {}
+        return extra if isinstance(extra, dict) else {}
 
     # The two data extension points: a subclass that feeds another data stream overrides both
     # (demo/online.py: standard online OPD with a live sampler and teacher).
@@ -636,16 +636,11 @@ class Trainer:
         self.peak_tflops = peak_tflops(name, "fp8" if cfg.model.fp8 else "bf16", lg.peak_tflops) if torch.cuda.is_available() else None
 
     def _recorded_resumes(self) -> list[dict[str, Any]]:
-        """The resume history of the run so far (settings changed at each resume), from its manifest."""
-        from megatron_lopd.provenance import MANIFEST_NAME
-
+        """The resume history of the run up to its checkpoint (settings changed at each resume)."""
         if self.resume_from is None:
             return []
-        try:
-            resumes = json.loads((self.run_dir / MANIFEST_NAME).read_text())["extra"].get("resumes", [])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return []
-        return [r for r in resumes if isinstance(r, dict) and r.get("step", 0) < self.step]
+        resumes = self._recorded_extra().get("resumes")
+        return [r for r in resumes if isinstance(r, dict) and r.get("step", 0) < self.step] if isinstance(resumes, list) else []
 
     def _write_manifest(self, *, status: str, **extra) -> None:
         from megatron_lopd.provenance import Manifest
@@ -947,7 +942,6 @@ class Trainer:
 def train(config: TrainConfig) -> RunSummary:
     """Run (or resume) a training run. Call in every process of the launch (torchrun, srun, or one)."""
     from megatron_lopd.runtime import destroy_distributed
-
     from megatron_lopd.runtime.lifetime import children_die_with_parent
 
     trainer = Trainer(config)
