@@ -42,7 +42,8 @@
 #   LOPD_LAUNCHER       torchrun (default: one srun task per node) | srun (one srun task per rank)
 #   LOPD_DEVICE         cuda (default) | cpu (CPU-only test clusters: gloo, no NCCL settings)
 #   MASTER_ADDR         rendezvous host (default: 127.0.0.1 on one node, else the first node of the job)
-#   MASTER_PORT         rendezvous port (default 29500 + job id % 1000)
+#   MASTER_PORT         rendezvous port (default 20000 + 10 x (job id % 1000) + restart % 10: a
+#                       requeued job never meets its previous life's port in TIME_WAIT)
 #   LOPD_LOG_DIR        per-job logs (default LOPD_RUN_DIR/logs): <job name>-<job id>-r<restart>.log
 #   LOPD_STOP_GRACE     seconds torchrun lets the ranks checkpoint after a stop signal before it
 #                       kills them (default 540; keep it below the --signal lead time)
@@ -139,7 +140,7 @@ if ((NNODES == 1)); then
 else
   export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
 fi
-export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
+export MASTER_PORT=${MASTER_PORT:-$((20000 + 10 * (SLURM_JOB_ID % 1000) + RESTART % 10))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # torchrun forwards SIGUSR1 too, and gives the ranks this long to checkpoint before SIGKILL
 # (PET_*: torchrun's own option variables; older versions ignore them).

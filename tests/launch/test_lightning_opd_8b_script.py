@@ -172,8 +172,9 @@ def test_sbatch_script_checkpoints_on_sigterm_and_requeues_itself(slurm, slurm_p
         assert time.monotonic() < deadline, slurm.state(job)
         time.sleep(0.2)
     slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # requeued jobs are held ~2 min otherwise
-    assert slurm.wait(job, timeout=600) == "COMPLETED"
     logs = run_dir / "logs"
+    state = slurm.wait(job, timeout=600)
+    assert state == "COMPLETED", "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.iterdir()))
     first, second = (logs / f"lopd-8b-{job}-r0.log").read_text(), (logs / f"lopd-8b-{job}-r1.log").read_text()
     stopped = re.search(r"training stopped by SIGTERM at step (\d+) of 400: checkpoint (\S+) written", first)
     assert stopped and "received SIGTERM: checkpointing after the current step" in first, first[-3000:]
