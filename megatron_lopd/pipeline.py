@@ -583,15 +583,6 @@ def score_differences(store: Path, teacher: Path, rollouts: Path, s: ScoreSettin
     return diffs
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict) or not d:
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-
-
 def training_differences(run_dir: Path, section: str, config: str, overrides: Sequence[str],
                          inputs: dict[str, Callable[[], Optional[str]]]) -> list[str]:
     """A training run's manifest against the trainer config the pipeline would run now (the preset
@@ -599,6 +590,7 @@ def training_differences(run_dir: Path, section: str, config: str, overrides: Se
     the pipeline sets are not compared (a copied work dir is not stale): their content is, by
     fingerprint."""
     from megatron_lopd.training.config import resolve_config
+    from megatron_lopd.training.run_dir import flatten_config
 
     manifest = _run_manifest(run_dir)
     diffs: list[str] = []
@@ -607,10 +599,10 @@ def training_differences(run_dir: Path, section: str, config: str, overrides: Se
         if value is not None:
             _differs(diffs, key, manifest.inputs.get(key), value)
     try:
-        wanted = _flatten(resolve_config(config, list(overrides)).to_dict())
+        wanted = flatten_config(resolve_config(config, list(overrides)).to_dict())
     except LopdError as exc:
         return diffs + [f"{section}: the trainer config does not resolve now ({exc.what})"]
-    recorded = _flatten(manifest.params)
+    recorded = flatten_config(manifest.params)
     changed = [k for k in wanted if k in recorded and recorded[k] != wanted[k] and k not in _PIPELINE_PATH_KEYS]  # keys a newer trainer added: not compared
     for key in changed[:3]:
         diffs.append(f"{section} {key}: recorded {_short(recorded[key])}, now {_short(wanted[key])}")

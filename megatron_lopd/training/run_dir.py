@@ -75,11 +75,12 @@ def check_run_dir(config) -> None:
             "choose a new or empty run_dir (a run dir holds a manifest.json of kind 'run')")
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"section.key": value} (what resumes and pipeline staleness compare)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -101,7 +102,7 @@ def resume_changes(checkpoint: Path, trainer_state: dict[str, Any], config, inpu
     if unknown:
         raise ConfigError(f"checkpoint.resume_changes names {', '.join(unknown)}, which a resume cannot change",
                           f"name only {', '.join(CHANGEABLE_ON_REQUEST)}")
-    old, new = _flatten(recorded_cfg), _flatten(config.to_dict())
+    old, new = flatten_config(recorded_cfg), flatten_config(config.to_dict())
     changes: dict[str, list] = {}
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
