@@ -75,7 +75,7 @@ def build_inputs(root: Path, args) -> dict:
         writer.write_shard(shard, [records[i] for i in writer.shard_range(shard)])
     finalize_store(root / "store")
 
-    from megatron_lopd.generation.artifact import ArtifactWriter, RolloutRecord
+    from megatron_lopd.artifacts import ArtifactWriter, RolloutRecord
 
     plan = {
         "kind": "sft_data",

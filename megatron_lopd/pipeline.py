@@ -334,7 +334,7 @@ class ArtifactPaths:
 
 # --------------------------------------------------------------------------- verification
 def verify_rollouts(path: Path) -> str:
-    from megatron_lopd.generation.artifact import RolloutArtifact
+    from megatron_lopd.artifacts import RolloutArtifact
 
     artifact = RolloutArtifact.open(path, verify=True)
     return f"{len(artifact)} records"
@@ -447,7 +447,7 @@ def check_scoring_inputs(rollouts: str | Path, teacher: str | Path, sft_data: st
     """Before hours of teacher scoring: the rollouts are complete and carry the sampler's
     log-probs, the teacher is a model with the rollouts' tokenizer, and (given the SFT data)
     the teacher is the model that wrote the SFT data. Raises a LopdError; returns report lines."""
-    from megatron_lopd.generation.artifact import RolloutArtifact
+    from megatron_lopd.artifacts import RolloutArtifact
     from megatron_lopd.generation.base import inspect_model_dir
     from megatron_lopd.provenance import check_teacher_consistency, tokenizer_fingerprint
 
@@ -526,7 +526,7 @@ def _now_or_error(fn: Callable[[], Any]) -> Any:
 
 
 def _rollout_manifest(path: Path):
-    from megatron_lopd.generation.artifact import RolloutArtifact
+    from megatron_lopd.artifacts import RolloutArtifact
 
     return RolloutArtifact.open(path, verify=False)
 
@@ -1139,7 +1139,7 @@ def set_aside(stages: Sequence[Stage], echo: Callable[[str], None] = print) -> l
 def check_teacher_wrote_sft_data(teacher: Path, sft_data: Path) -> None:
     """Finished SFT data is skipped on a rerun: if the config's teacher changed since, scoring with
     it would break teacher consistency. Compare content fingerprints before anything runs."""
-    from megatron_lopd.generation.artifact import RolloutArtifact
+    from megatron_lopd.artifacts import RolloutArtifact
     from megatron_lopd.provenance import check_teacher_consistency
 
     try:

@@ -190,7 +190,7 @@ class OnlineTrainer(Trainer):
     def check_inputs(self):
         import torch
 
-        from megatron_lopd.generation.base import load_backend
+        from megatron_lopd.generation.backends import load_backend
         from megatron_lopd.generation.prompts import load_prompt_set, load_tokenizer
         from megatron_lopd.provenance import check_teacher_consistency, model_fingerprint, tokenizer_fingerprint
         from megatron_lopd.training.loop import resolve_start_model

@@ -300,7 +300,7 @@ class Measurer:
         self._teacher_a = None
 
     def teacher_a(self):
-        from megatron_lopd.generation.base import load_backend
+        from megatron_lopd.generation.backends import load_backend
 
         if self._teacher_a is None:
             self._teacher_a = load_backend("hf", self.demo.paths.teacher("A"), **HF_OPTIONS)
@@ -315,7 +315,9 @@ class Measurer:
         from megatron_lopd.evaluation import evaluate
         from megatron_lopd.evaluation.evaluate import read_results
         from megatron_lopd.evaluation.graders import grade_response
-        from megatron_lopd.generation.base import FINISH_LENGTH, SamplingParams, load_backend
+        from megatron_lopd.artifacts import FINISH_LENGTH
+        from megatron_lopd.generation.backends import load_backend
+        from megatron_lopd.generation.base import SamplingParams
 
         backend = load_backend("hf", model_dir, **HF_OPTIONS)
         try:
@@ -593,7 +595,7 @@ class Demo:
 
     def stage_artifact_info(self, name: str) -> dict[str, Any]:
         """sft_data / rollouts: the stage, then how often the sampled answers are right."""
-        from megatron_lopd.generation.artifact import RolloutArtifact
+        from megatron_lopd.artifacts import RolloutArtifact
 
         result = self.run_pipeline_stage(name)
         art = RolloutArtifact.open(self.paths.pipeline / name, verify=False)
@@ -750,7 +752,7 @@ class Demo:
 
 def build_summary(demo: Demo) -> dict[str, Any]:
     """Everything the report says, as numbers (summary.json)."""
-    from megatron_lopd.cli import versions
+    from megatron_lopd.runtime.versions import versions
 
     st = demo.state["stages"]
     names = [n for n in variant_names(demo.sizes) if n in st or n == "lightning" and "eval" in st]

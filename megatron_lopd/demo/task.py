@@ -152,7 +152,7 @@ def write_solutions(out: str | Path, prompts_path: str | Path, problems: Sequenc
     Same format, manifest and checks as `lopd generate` output; the generator is this
     program (`demo-task-style-<S>`), not a model, and every response ends with EOS.
     """
-    from megatron_lopd.generation.artifact import ArtifactWriter, RolloutRecord
+    from megatron_lopd.artifacts import ArtifactWriter, RolloutRecord
     from megatron_lopd.generation.prompts import load_prompt_set, load_tokenizer
     from megatron_lopd.provenance import chat_template, tokenizer_fingerprint
 

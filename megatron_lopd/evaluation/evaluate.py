@@ -589,7 +589,7 @@ def _evaluate(model_dir, problems, indices, config, grader, backend, shard, prog
         prompts = [prompt_ids(tokenizer, problems[i], config) for i in todo]
         own_backend = backend is None
         if own_backend:
-            from megatron_lopd.generation.base import load_backend
+            from megatron_lopd.generation.backends import load_backend
 
             backend = load_backend(
                 config.backend, model_dir, dtype=config.dtype, tensor_parallel=config.tensor_parallel, max_model_len=config.max_model_len, seed=config.seed
@@ -660,7 +660,7 @@ def _generate_and_grade(backend, params, prompts, indices, problems, grader, dec
     """Sample and grade `indices` batch by batch, handing each batch's records to `commit`; returns the seconds taken."""
     from tqdm.auto import tqdm
 
-    from megatron_lopd.generation.base import FINISH_LENGTH
+    from megatron_lopd.artifacts import FINISH_LENGTH
 
     per_call = max(1, config.batch_samples // config.samples_per_problem)
     start = time.perf_counter()

@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from megatron_lopd.errors import ArtifactError, ConfigError
-from megatron_lopd.generation.artifact import ARTIFACT_KINDS, ArtifactWriter, RolloutArtifact, RolloutRecord
-from megatron_lopd.generation.base import FINISH_STOP, SamplingParams, inspect_model_dir, load_backend
+from megatron_lopd.artifacts import ARTIFACT_KINDS, ArtifactWriter, RolloutArtifact, RolloutRecord
+from megatron_lopd.artifacts import FINISH_STOP
+from megatron_lopd.generation.backends import load_backend
+from megatron_lopd.generation.base import SamplingParams, inspect_model_dir
 
 
 @dataclass

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from megatron_lopd.errors import ConfigError
+from megatron_lopd.artifacts import FINISH_LENGTH, FINISH_STOP
 from megatron_lopd.generation.base import (
-    FINISH_LENGTH,
-    FINISH_STOP,
     ModelInfo,
     Sample,
     SamplingParams,

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from megatron_lopd.errors import ArtifactError, ConfigError, ConsistencyError, LopdError
-from megatron_lopd.generation.artifact import RolloutArtifact
-from megatron_lopd.generation.base import inspect_model_dir, load_backend
+from megatron_lopd.artifacts import RolloutArtifact
+from megatron_lopd.generation.backends import load_backend
+from megatron_lopd.generation.base import inspect_model_dir
 
 
 log = logging.getLogger(__name__)

@@ -38,9 +38,8 @@ from typing import Sequence
 import numpy as np
 
 from megatron_lopd.errors import ConfigError, LopdError
+from megatron_lopd.artifacts import FINISH_LENGTH, FINISH_STOP
 from megatron_lopd.generation.base import (
-    FINISH_LENGTH,
-    FINISH_STOP,
     ModelInfo,
     Sample,
     SamplingParams,

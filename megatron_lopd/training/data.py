@@ -150,7 +150,7 @@ class ArtifactSource(SequenceSource):
 
     @classmethod
     def open(cls, path: str | Path) -> "ArtifactSource":
-        from megatron_lopd.generation.artifact import RolloutArtifact
+        from megatron_lopd.artifacts import RolloutArtifact
 
         return cls(RolloutArtifact.open(path), str(path))
 

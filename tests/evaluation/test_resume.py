@@ -52,12 +52,12 @@ class Recorder:
     """Records which problems the real transformers backend samples (and that a backend was loaded)."""
 
     def __init__(self, monkeypatch):
-        from megatron_lopd.generation import base
+        from megatron_lopd.generation import backends
         from megatron_lopd.generation.hf_backend import HfBackend
 
         self.generated: list[int] = []
         self.loads = 0
-        real_generate, real_load = HfBackend.generate, base.load_backend
+        real_generate, real_load = HfBackend.generate, backends.load_backend
 
         def generate(backend, prompts, params, prompt_indices=None):
             self.generated.extend(prompt_indices)
@@ -68,7 +68,7 @@ class Recorder:
             return real_load(*args, **kwargs)
 
         monkeypatch.setattr(HfBackend, "generate", generate)
-        monkeypatch.setattr(base, "load_backend", load_backend)
+        monkeypatch.setattr(backends, "load_backend", load_backend)
 
 
 def _one_error_line(capsys) -> str:
@@ -88,12 +88,12 @@ def _tree(path: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("case", ["file", "under_file", "read_only"])
 def test_unwritable_out_fails_in_one_line_before_the_model_is_loaded(case, adder_model_dir, adder_data, tmp_path, monkeypatch, capsys, request):
-    from megatron_lopd.generation import base
+    from megatron_lopd.generation import backends
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(base, "load_backend", no_loading)
+    monkeypatch.setattr(backends, "load_backend", no_loading)
     blocker = tmp_path / "blocker"
     blocker.write_text("a file\n")
     if case == "file":
@@ -150,7 +150,7 @@ KILL_AFTER_2_BATCHES = textwrap.dedent(
     """
     import ast, os, signal, sys
     from megatron_lopd.evaluation import EvalConfig, evaluate, load_problems
-    from megatron_lopd.generation.base import load_backend
+    from megatron_lopd.generation.backends import load_backend
 
     model, data, out, settings = sys.argv[1], sys.argv[2], sys.argv[3], ast.literal_eval(sys.argv[4])
     backend = load_backend("hf", model, dtype="float32", seed=settings["seed"])
@@ -225,7 +225,7 @@ class Crash(RuntimeError):
 
 
 def test_sharded_run_resumes_and_merges_to_the_unsharded_result(adder_model_dir, adder_data, reference, tmp_path):
-    from megatron_lopd.generation.base import load_backend
+    from megatron_lopd.generation.backends import load_backend
 
     problems = load_problems(adder_data[0])
     config = EvalConfig(**SETTINGS)

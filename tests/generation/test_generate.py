@@ -8,7 +8,8 @@ import pytest
 
 from megatron_lopd.cli import main
 from megatron_lopd.errors import ArtifactError
-from megatron_lopd.generation import RolloutArtifact, SamplingParams, load_backend
+from megatron_lopd.artifacts import RolloutArtifact
+from megatron_lopd.generation import SamplingParams, load_backend
 from megatron_lopd.generation.generate import GenerateConfig, generate_artifact
 from megatron_lopd.provenance import model_fingerprint, tokenizer_fingerprint
 from tests.generation.conftest import write_prompts

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from megatron_lopd.cli import main
-from megatron_lopd.generation.artifact import ArtifactWriter, RolloutArtifact
+from megatron_lopd.artifacts import ArtifactWriter, RolloutArtifact
 from megatron_lopd.provenance import Manifest
 from megatron_lopd.store import StoreWriter, TeacherStore, verify_store
 from tests.store.fs_faults import tmpfs

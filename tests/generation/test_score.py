@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from megatron_lopd.cli import main
-from megatron_lopd.generation.artifact import ArtifactWriter, RolloutArtifact
+from megatron_lopd.artifacts import ArtifactWriter, RolloutArtifact
 from megatron_lopd.provenance import model_fingerprint, tokenizer_fingerprint
 from megatron_lopd.store import TeacherStore
 from tests.generation.reference import assert_topk_matches, full_logprobs, next_token_logprobs, token_logprobs

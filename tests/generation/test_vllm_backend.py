@@ -196,7 +196,7 @@ def test_score_to_store_with_vllm_matches_reference(engine, hf_rollouts, tiny_hf
 def test_cli_generate_and_score_with_vllm(tiny_hf_dir, tiny_teacher_dir, prompt_file, tmp_path, capsys):
     """The production path end to end through the CLI: each command loads and closes its own engine."""
     from megatron_lopd.cli import main
-    from megatron_lopd.generation import RolloutArtifact
+    from megatron_lopd.artifacts import RolloutArtifact
     from megatron_lopd.store import TeacherStore
 
     ro, store_dir = tmp_path / "ro", tmp_path / "store"

@@ -96,7 +96,8 @@ def test_sigkilled_vllm_commands_leave_no_process(hf_rollouts, tiny_teacher_dir,
 def test_nan_model_is_refused_by_vllm(tiny_hf_dir, hf_rollouts, prompt_file, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from megatron_lopd.generation.base import SamplingParams, load_backend
+    from megatron_lopd.generation.backends import load_backend
+    from megatron_lopd.generation.base import SamplingParams
     from megatron_lopd.generation.generate import GenerateConfig, generate_artifact
     from megatron_lopd.generation.score import ScoreConfig, score_to_store
 

@@ -112,7 +112,7 @@ def test_tiny_pipeline_on_slurm_chains_stages_and_writes_every_artifact(slurm, s
     for prev, nxt in zip(jobs, jobs[1:]):
         assert nxt["Start"] >= prev["End"], f"{nxt['stage']} started {nxt['Start']} before {prev['stage']} ended {prev['End']}"
     # the teacher that wrote the SFT data is the one that scored the store (by construction)
-    from megatron_lopd.generation.artifact import RolloutArtifact
+    from megatron_lopd.artifacts import RolloutArtifact
     from megatron_lopd.store import TeacherStore
 
     prov = TeacherStore.open(work / "teacher_store").provenance

@@ -231,7 +231,7 @@ def test_changed_teacher_or_settings_make_finished_outputs_stale(sft_data_done, 
 def test_rerun_stale_sets_the_old_output_aside_and_remakes_it(sft_data_done):
     import dataclasses
 
-    from megatron_lopd.generation.artifact import RolloutArtifact
+    from megatron_lopd.artifacts import RolloutArtifact
     from megatron_lopd.provenance import model_fingerprint
 
     config, inputs = sft_data_done

@@ -73,7 +73,7 @@ def write_store(path, records, *, teacher_fp, tokenizer_fp, policy_fp, top_k=TOP
 
 
 def write_sft_artifact(path, prompts, responses, *, generator_fp, tokenizer_fp):
-    from megatron_lopd.generation.artifact import ArtifactWriter, RolloutRecord
+    from megatron_lopd.artifacts import ArtifactWriter, RolloutRecord
 
     plan = {
         "kind": "sft_data",

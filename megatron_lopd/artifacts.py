@@ -29,10 +29,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from megatron_lopd.errors import ArtifactError
-from megatron_lopd.generation.base import FINISH_REASONS
 from megatron_lopd.provenance import MANIFEST_NAME, Manifest, files_fingerprint
 
 FORMAT_VERSION = 1
+FINISH_STOP = "stop"  # the response ended with EOS (included in response_ids)
+FINISH_LENGTH = "length"  # cut at max_tokens
+FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH)
 ARTIFACT_KINDS = ("sft_data", "rollouts")
 PLAN_NAME = "plan.json"
 CHUNK_DIR = "chunks"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from megatron_lopd.errors import ArtifactError
-from megatron_lopd.generation.artifact import ArtifactWriter, RolloutArtifact, RolloutRecord
+from megatron_lopd.artifacts import ArtifactWriter, RolloutArtifact, RolloutRecord
 
 
 def _plan(num_prompts=5, n=2, chunk_size=2, has_logprobs=True, temperature=0.7):
