@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from megatron_lopd.errors import ArtifactError, ConfigError, LopdError
+from megatron_lopd.provenance import cached_model_fingerprint, verify_hf_export
+from megatron_lopd.training.run_dir import verify_finished_run, verify_run_export
 
 STAGE_NAMES = ("sft_data", "sft", "rollouts", "score", "train", "export", "eval")
 CONFIG_NAME = "pipeline.json"
@@ -341,62 +343,10 @@ def verify_rollouts(path: Path) -> str:
 
 
 def verify_store(path: Path) -> str:
-    """Complete (finalized) and every shard's checksums valid."""
-    from megatron_lopd.store import verify_store as _verify
+    from megatron_lopd.store import require_valid_store
 
-    report = _verify(path)
-    if not report.ok:
-        more = f" (+{len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
-        raise ArtifactError(f"{path}: teacher store does not verify: {report.first_problem}{more}", "rerun the scoring stage (it resumes) or `lopd score --finalize`")
+    report = require_valid_store(path)
     return f"{report.shards_checked} shards, {report.tokens_checked} tokens checked"
-
-
-def verify_run(path: Path) -> str:
-    """A finished training run: its manifest says complete and the latest checkpoint's metadata is there."""
-    from megatron_lopd.provenance import Manifest
-    from megatron_lopd.training.checkpointing import find_latest, read_metadata
-
-    manifest = Manifest.read(path, kind="run")
-    if manifest.extra.get("status") != "complete":
-        raise ArtifactError(f"{path}: training run is {manifest.extra.get('status', 'unfinished')}", "rerun the stage: it resumes from the latest checkpoint")
-    latest = find_latest(path / "checkpoints")
-    if latest is None:
-        raise ArtifactError(f"{path}: no checkpoint (checkpoints/latest is missing)", "rerun the training stage")
-    meta = read_metadata(latest)
-    return f"{latest.name}, step {meta.get('iteration')}"
-
-
-def _hf_files(path: Path) -> None:
-    if not (path / "config.json").is_file():
-        raise ArtifactError(f"{path}: no config.json", "rerun the stage that exports it")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ArtifactError(f"{path}: no weight files", "rerun the stage that exports it")
-
-
-def verify_hf_export(path: Path) -> str:
-    """An HF export: config.json + weights + a manifest whose fingerprint matches the content."""
-    from megatron_lopd.provenance import Manifest
-
-    _hf_files(path)
-    manifest = Manifest.read(path, kind="hf_export")
-    actual = cached_model_fingerprint(path)
-    if manifest.fingerprint != actual:
-        raise ArtifactError(f"{path}: weights changed since export (manifest {manifest.fingerprint}, content {actual})", "rerun the export stage")
-    return f"{actual} from {manifest.inputs.get('checkpoint')}"
-
-
-def verify_sft(path: Path) -> str:
-    """The SFT stage: a finished run whose HF export (the trainer's `<run>/hf`) is the one it recorded."""
-    from megatron_lopd.provenance import Manifest
-
-    run_dir = path.parent
-    detail = verify_run(run_dir)
-    _hf_files(path)
-    recorded = Manifest.read(run_dir, kind="run").extra.get("hf_fingerprint")
-    actual = cached_model_fingerprint(path)
-    if recorded != actual:
-        raise ArtifactError(f"{path}: HF export does not match the run's record ({recorded} vs {actual})", "rerun the SFT stage (it resumes and re-exports)")
-    return f"{detail}, export {actual}"
 
 
 def verify_eval(path: Path) -> str:
@@ -473,22 +423,6 @@ def check_scoring_inputs(rollouts: str | Path, teacher: str | Path, sft_data: st
 # prompt / data fingerprints, sampling and training settings; DESIGN section 4) matches what the
 # config asks now. Each function below returns one "field: recorded X, now Y" line per difference.
 _FINGERPRINTS: dict[tuple, str] = {}
-
-
-def cached_model_fingerprint(path: str | Path) -> str:
-    """`provenance.model_fingerprint`, computed at most once per process for unchanged content
-    (keyed by the directory's files' names, sizes and mtimes): a 64 GB teacher hashes once."""
-    from megatron_lopd.provenance import model_fingerprint
-
-    path = Path(path).resolve()
-    try:
-        signature = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in path.iterdir() if e.is_file()))
-    except OSError:
-        return model_fingerprint(path)  # raises the usual one-line ArtifactError
-    key = ("model", str(path), signature)
-    if key not in _FINGERPRINTS:
-        _FINGERPRINTS[key] = model_fingerprint(path)
-    return _FINGERPRINTS[key]
 
 
 def eval_data_fingerprint(path: str | Path) -> str:
@@ -858,7 +792,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         inputs={"base_student": base, "sft_data": p.sft_data},
         outputs={"sft_model": p.sft_model, "sft_run": p.sft_run},
         steps=(Step(("train", "--config", config.sft.config, *sft_overrides), nproc_per_node=config.sft.nproc_per_node, nnodes=config.sft.nnodes),),
-        verify=verify_sft,
+        verify=verify_run_export,
         env=config.env_for("sft"),
         producers={"sft_data": "sft_data"},
         provenance=lambda: training_differences(p.sft_run, "sft", config.sft.config, sft_overrides, {
@@ -893,7 +827,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         inputs={"sft_model": p.sft_model, "store": p.store, "sft_data": p.sft_data},
         outputs={"opd_run": p.opd_run},
         steps=(Step(("train", "--config", config.trainer.config, *opd_overrides), nproc_per_node=config.trainer.nproc_per_node, nnodes=config.trainer.nnodes),),
-        verify=verify_run,
+        verify=verify_finished_run,
         env=config.env_for("train"),
         producers={"sft_model": "sft", "store": "score", "sft_data": "sft_data"},
         precheck=lambda: _precheck_training(config.trainer, opd_overrides, [sft_data, sft, score]),

@@ -141,6 +141,23 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return "model-" + h.hexdigest()[:32]
 
 
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def cached_model_fingerprint(path: str | Path) -> str:
+    """`model_fingerprint`, computed at most once per process for unchanged content (keyed by
+    the directory's files' names, sizes and mtimes): a 64 GB teacher hashes once per command."""
+    path = Path(path).resolve()
+    try:
+        signature = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in path.iterdir() if e.is_file()))
+    except OSError:
+        return model_fingerprint(path)  # raises the usual one-line ArtifactError
+    key = (str(path), signature)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = model_fingerprint(path)
+    return _FINGERPRINTS[key]
+
+
 def code_version() -> str:
     import megatron_lopd
 
@@ -196,10 +213,10 @@ class Manifest:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def write(self, directory: str | Path) -> Path:
+        from megatron_lopd.runtime.files import atomic_write
+
         path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
@@ -226,6 +243,25 @@ def write_hf_manifest(hf_dir: str | Path, run_dir: str | Path, checkpoint: str |
         inputs={"checkpoint": str(checkpoint), "run": str(run_dir), "run_inputs": run.inputs},
         params={"final_step": run.extra.get("final_step")},
     ).write(hf_dir)
+
+
+def check_hf_files(path: str | Path) -> None:
+    """A Hugging Face model dir has a config.json and weight files."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ArtifactError(f"{path}: no config.json", "rerun the stage that exports it")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ArtifactError(f"{path}: no weight files", "rerun the stage that exports it")
+
+
+def verify_hf_export(path: str | Path) -> str:
+    """An HF export: config.json + weights + a manifest whose fingerprint matches the content."""
+    check_hf_files(path)
+    manifest = Manifest.read(path, kind="hf_export")
+    actual = cached_model_fingerprint(path)
+    if manifest.fingerprint != actual:
+        raise ArtifactError(f"{path}: weights changed since export (manifest {manifest.fingerprint}, content {actual})", "rerun the export stage")
+    return f"{actual} from {manifest.inputs.get('checkpoint')}"
 
 
 # ---------------------------------------------------------------------------------------

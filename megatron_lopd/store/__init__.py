@@ -33,7 +33,7 @@ from megatron_lopd.store.schema import (
     content_hash,
 )
 from megatron_lopd.store.synthetic import SyntheticSpec, synthetic_record, synthetic_records
-from megatron_lopd.store.verify import FileCheckStats, VerifyReport, check_store_files, inspect_store, verify_store
+from megatron_lopd.store.verify import FileCheckStats, VerifyReport, check_store_files, inspect_store, require_valid_store, verify_store
 from megatron_lopd.store.writer import ShardMarker, StoreSummary, StoreWriter, finalize_store
 
 __all__ = [
@@ -57,5 +57,6 @@ __all__ = [
     "inspect_store",
     "synthetic_record",
     "synthetic_records",
+    "require_valid_store",
     "verify_store",
 ]

@@ -127,6 +127,16 @@ def verify_store(path: str | os.PathLike, *, require_complete: bool = True, prog
     return report
 
 
+def require_valid_store(path: str | os.PathLike) -> VerifyReport:
+    """`verify_store`, raising a one-line ArtifactError for an incomplete or damaged store."""
+    report = verify_store(path)
+    if not report.ok:
+        more = f" (+{len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        raise ArtifactError(f"{path}: teacher store does not verify: {report.first_problem}{more}",
+                            "rerun the scoring stage (it resumes) or `lopd score --finalize`")
+    return report
+
+
 def _verify_shard(path: Path, writer: StoreWriter, s: int, report: VerifyReport) -> dict[str, np.ndarray]:
     import zarr
 
@@ -365,4 +375,4 @@ def inspect_store(path: str | os.PathLike) -> StoreSummary:
     )
 
 
-__all__ = ["FileCheckStats", "VerifyReport", "check_store_files", "verify_store", "inspect_store"]
+__all__ = ["FileCheckStats", "VerifyReport", "check_store_files", "inspect_store", "require_valid_store", "verify_store"]

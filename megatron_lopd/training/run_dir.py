@@ -142,3 +142,33 @@ def apply_optimizer_changes(changes: dict[str, list], optimizer, scheduler) -> N
         for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
             opt.config.clip_grad = float(changes["optimizer.clip_grad"][1])
     scheduler.step(0)  # set the param groups' lr / wd from the new values now
+
+
+def verify_finished_run(path: str | Path) -> str:
+    """A finished training run: its manifest says complete and its latest checkpoint is there."""
+    from megatron_lopd.provenance import Manifest
+    from megatron_lopd.training.checkpointing import find_latest, read_metadata
+
+    path = Path(path)
+    manifest = Manifest.read(path, kind=RUN_KIND)
+    if manifest.extra.get("status") != "complete":
+        raise ArtifactError(f"{path}: training run is {manifest.extra.get('status', 'unfinished')}", "rerun the stage: it resumes from the latest checkpoint")
+    latest = find_latest(path / "checkpoints")
+    if latest is None:
+        raise ArtifactError(f"{path}: no checkpoint (checkpoints/latest is missing)", "rerun the training stage")
+    return f"{latest.name}, step {read_metadata(latest).get('iteration')}"
+
+
+def verify_run_export(hf_dir: str | Path) -> str:
+    """A finished run's own HF export (`<run>/hf`), the one its manifest recorded."""
+    from megatron_lopd.provenance import Manifest, cached_model_fingerprint, check_hf_files
+
+    hf_dir = Path(hf_dir)
+    run_dir = hf_dir.parent
+    detail = verify_finished_run(run_dir)
+    check_hf_files(hf_dir)
+    recorded = Manifest.read(run_dir, kind=RUN_KIND).extra.get("hf_fingerprint")
+    actual = cached_model_fingerprint(hf_dir)
+    if recorded != actual:
+        raise ArtifactError(f"{hf_dir}: HF export does not match the run's record ({recorded} vs {actual})", "rerun the SFT stage (it resumes and re-exports)")
+    return f"{detail}, export {actual}"
