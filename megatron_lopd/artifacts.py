@@ -1,6 +1,6 @@
 """The rollout artifact: sampled responses on disk, one format for SFT data and rollouts.
 
-Layout (documented for users in the README, "Rollout artifact format"):
+Layout (documented for users in docs/generation.md, "Rollout artifact format"):
 
     DIR/plan.json                         what is being generated (fixed at the first start)
     DIR/chunks/chunk-000000.safetensors   prompts [0, chunk_size) with all their n samples
@@ -20,7 +20,6 @@ prompt index, then sample index: record i is sample i % n of prompt i // n.
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 
 from megatron_lopd.errors import ArtifactError
 from megatron_lopd.provenance import MANIFEST_NAME, Manifest, files_fingerprint
+from megatron_lopd.runtime.files import publish_once, refuse_foreign_dir, remove_owned_dir
 
 FORMAT_VERSION = 1
 FINISH_STOP = "stop"  # the response ended with EOS (included in response_ids)
@@ -196,32 +196,19 @@ class ArtifactWriter:
         if path.exists() and not path.is_dir():
             raise ArtifactError(f"--out {path} is a file, not a directory", "pass a directory path to --out")
         if overwrite:  # checks before it deletes: only a directory that provably is a rollout artifact
-            from megatron_lopd.runtime.files import remove_owned_dir
-
             remove_owned_dir(path, is_rollout_artifact, "rollout artifact", flag="--overwrite")
-        if path.exists() and not plan_path.is_file():
-            others = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
-            if others:
-                shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
-                raise ArtifactError(f"--out {path} exists and is not a rollout artifact (it holds {shown})",
-                                    "choose an empty or new --out directory")
+        if not plan_path.is_file():
+            refuse_foreign_dir(path, f"--out {path} exists and is not a rollout artifact", "choose an empty or new --out directory")
         path.mkdir(parents=True, exist_ok=True)
-        # Exclusive publish (link fails if the plan exists): of several shards starting at
-        # once exactly one writes the plan, and every other one is compared against it.
-        tmp = path / f".{PLAN_NAME}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n")
-        try:
-            os.link(tmp, plan_path)
-        except FileExistsError:
+        # Of several shards starting at once exactly one writes the plan; every other one is compared against it.
+        if not publish_once(plan_path, json.dumps(plan, indent=2, sort_keys=True) + "\n"):
             existing = json.loads(plan_path.read_text())
             if _plan_key(existing) != _plan_key(plan):
                 diff = sorted(k for k in set(existing) | set(plan) if _plan_key(existing).get(k) != _plan_key(plan).get(k))
                 raise ArtifactError(
                     f"{path}: already holds a generation with different settings ({', '.join(diff)} differ)",
                     "rerun with the original settings to resume, pass --overwrite, or choose another --out",
-                ) from None
-        finally:
-            tmp.unlink()
+                )
         (path / CHUNK_DIR).mkdir(exist_ok=True)
         return cls(path, plan)
 

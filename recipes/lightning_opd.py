@@ -46,17 +46,18 @@ from megatron_lopd.pipeline import (
     ScoreSettings,
     Stage,
     StageEnvs,
+    StageState,
     StaleError,
     TrainSettings,
     build_stages,
     format_results,
     lopd_command,
     plan,
-    run_local,
+    run_planned,
     select_stages,
     set_aside,
     stage_states,
-    status as pipeline_status,
+    state_results,
 )
 
 _MODELS = os.environ.get("LOPD_MODELS_DIR", "/models")
@@ -147,13 +148,15 @@ def launch(
 
     Stale outputs (made from other inputs or settings than `config` asks) are refused here, at
     submit time, or with `rerun_stale` moved aside before the jobs are queued, so that every job
-    finds its stage pending. `pipeline.json` is written only after these checks passed."""
+    finds its stage pending. `pipeline.json` is written only after these checks passed. Each
+    output is verified once here (`known`), however many checks and reports read its state."""
     config = config.absolute()  # jobs start in their own directories
     all_stages = build_stages(config)
     selected = select_stages(all_stages, stages)
     stale: list[Stage] = []
+    known: dict[str, StageState] = {}
     try:
-        checked = plan(all_stages, selected, rerun_stale=rerun_stale)
+        checked = plan(all_stages, selected, rerun_stale=rerun_stale, known=known)
         pending, stale = checked.todo, checked.stale
     except LopdError as exc:
         if isinstance(exc, StaleError) and exc.lines:
@@ -161,7 +164,7 @@ def launch(
         if not dryrun:
             raise
         print(f"[lightning_opd] warning (dry run): {exc}")
-        states = stage_states(all_stages, {s.name for s in selected})
+        states = stage_states(all_stages, {s.name for s in selected}, known)
         pending = [s for s in selected if states[s.name].status != "done"]
     todo = {s.name for s in pending}
     for s in selected:
@@ -176,7 +179,7 @@ def launch(
         if dryrun:
             _print_plan(pending)
             return 0
-        run_local(config, [s.name for s in pending], rerun_stale=rerun_stale)
+        run_planned(config, checked, pending)
         return 0
     if isinstance(executor, run.SlurmExecutor):
         slurm_preflight(executor, pending)
@@ -205,13 +208,15 @@ def launch(
             return 0
         exp.run(detach=detach, tail_logs=tail_logs)
     # Leaving the `with` block waits for the jobs (unless detached): only now are the states final.
-    return report(config, pending, exp.status(return_dict=True) or {}, detached=detach)
+    return report(config, pending, exp.status(return_dict=True) or {}, detached=detach, known=known)
 
 
-def report(config: PipelineConfig, pending: list[Stage], tasks: dict[str, dict], *, detached: bool) -> int:
+def report(config: PipelineConfig, pending: list[Stage], tasks: dict[str, dict], *, detached: bool,
+           known: Optional[dict[str, StageState]] = None) -> int:
     """Print each task's scheduler state, the failure's error line and log, and whether each
     stage's output verifies. Returns the exit code: non-zero if any task failed or any output
-    does not verify."""
+    does not verify. `known`: the states found before the jobs ran (only the jobs' outputs are
+    verified again)."""
     states = {name: str(info["status"]) for name, info in tasks.items()}
     print("[lightning_opd] task states: " + ", ".join(f"{k}={v}" for k, v in states.items()))
     if detached:
@@ -225,8 +230,9 @@ def report(config: PipelineConfig, pending: list[Stage], tasks: dict[str, dict],
         errors = [line for line in lines if "error:" in line] or lines[-1:]
         where = f" (log: {logs[-1]})" if logs else ""
         print(f"[lightning_opd] {name}: {states[name]}{where}" + (f": {errors[0].strip()}" if errors else ""), file=sys.stderr)
-    verified = {r.name: r for r in pipeline_status(config)}
     names = [s.name for s in pending]
+    before = {n: st for n, st in (known or {}).items() if n not in names}
+    verified = {r.name: r for r in state_results(stage_states(build_stages(config), set(names), before))}
     print(format_results([verified[n] for n in names]))
     failed = [k for k, v in states.items() if v != _SUCCEEDED]
     unverified = [n for n in names if verified[n].status != "done"]

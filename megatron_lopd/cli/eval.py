@@ -51,7 +51,8 @@ def register(subparsers) -> None:
 
 def _handle(args) -> int:
     from megatron_lopd.errors import ConfigError
-    from megatron_lopd.evaluation import MATH_PROMPT_TEMPLATE, EvalConfig, Shard, merge_shards, run_eval
+    from megatron_lopd.evaluation import MATH_PROMPT_TEMPLATE, EvalConfig, merge_shards, run_eval
+    from megatron_lopd.runtime.shards import parse_shard
 
     if args.merge:
         summary = merge_shards(args.merge)
@@ -78,7 +79,7 @@ def _handle(args) -> int:
         max_model_len=args.max_model_len,
         batch_samples=args.batch_samples,
     )
-    summary = run_eval(args.model, args.data, args.out, config=config, shard=Shard.parse(args.shard), progress=not args.no_progress,
+    summary = run_eval(args.model, args.data, args.out, config=config, shard=parse_shard(args.shard), progress=not args.no_progress,
                        overwrite=args.overwrite)
     label = f"eval {args.out}" if summary.shard is None else f"eval {args.out} shard {args.shard} (merged when all finish)"
     print(summary.console_line(label), flush=True)

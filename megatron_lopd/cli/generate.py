@@ -38,8 +38,9 @@ def register(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from megatron_lopd.generation.base import SamplingParams, parse_shard
+    from megatron_lopd.generation.base import SamplingParams
     from megatron_lopd.generation.generate import GenerateConfig, generate_artifact
+    from megatron_lopd.runtime.shards import parse_shard
 
     cfg = GenerateConfig(
         model=Path(args.model), prompts=Path(args.prompts), out=Path(args.out), kind=args.kind,
@@ -54,6 +55,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {result.artifact.kind} artifact {result.out}: {len(result.artifact)} samples, "
               f"fingerprint {result.artifact.fingerprint}")
     else:
-        print(f"shard {cfg.shard[0]}/{cfg.shard[1]} done ({result.chunks_written} chunks written); "
+        print(f"shard {cfg.shard} done ({result.chunks_written} chunks written); "
               f"{result.chunks_missing} chunks left to other shards")
     return 0

@@ -1,4 +1,4 @@
-"""`lopd pipeline run|status|check-train`: the consistent-teacher pipeline (megatron_lopd.pipeline)."""
+"""`lopd pipeline run|status|check-train|check-score`: the consistent-teacher pipeline (megatron_lopd.pipeline)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def _check_train(args: argparse.Namespace) -> int:
 
 
 def _check_score(args: argparse.Namespace) -> int:
-    from megatron_lopd.pipeline import check_scoring_inputs
+    from megatron_lopd.generation.score import check_scoring_inputs
 
     for line in check_scoring_inputs(args.rollouts, args.teacher, args.sft_data):
         print(line)

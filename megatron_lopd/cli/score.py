@@ -32,8 +32,8 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from megatron_lopd.errors import ConfigError
-    from megatron_lopd.generation.base import parse_shard
     from megatron_lopd.generation.score import ScoreConfig, score_to_store
+    from megatron_lopd.runtime.shards import parse_shard
 
     if not args.finalize and not (args.rollouts and args.teacher):
         raise ConfigError("--rollouts and --teacher are required (unless --finalize)", "pass both directories")

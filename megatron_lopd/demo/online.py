@@ -13,8 +13,8 @@ demand:
 4. collate them with the trainer's own packing (`TrainData.build_step`).
 
 Everything else (model, optimizer, loss, metrics, checkpoints, HF export) is the
-trainer's; this module overrides its two data extension points, `check_inputs` and
-`build_data`. Single process only (DP = TP = PP = 1), which is what the demo runs.
+trainer's: `OnlineOPD` is a `training.data.DataProvider` and `OnlineData` its `DataStream`.
+Single process only (DP = TP = PP = 1), which is what the demo runs.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import numpy as np
 from megatron_lopd.errors import ConfigError
 from megatron_lopd.training.config import TrainConfig
 from megatron_lopd.training.data import SequenceSource
-from megatron_lopd.training.loop import Trainer
 
 
 @dataclass
@@ -84,9 +83,9 @@ class OnlineSource(SequenceSource):
 class OnlineData:
     """The trainer's data stream for standard OPD: each `next_step` samples and scores a fresh batch."""
 
-    def __init__(self, trainer: "OnlineTrainer", prompt_ids: list[list[int]], student, teacher):
+    def __init__(self, trainer, online: OnlineConfig, prompt_ids: list[list[int]], student, teacher):
         self.trainer = trainer
-        self.cfg = trainer.online
+        self.cfg = online
         self.prompt_ids = prompt_ids
         self.student, self.teacher = student, teacher
         self.consumed = 0
@@ -177,36 +176,31 @@ class OnlineData:
         return batch
 
 
-class OnlineTrainer(Trainer):
-    """The project's trainer with `OnlineData` in place of the store. `config.model.start_from`
-    is the HF dir of the starting student (R): the sampler is built from it."""
+class OnlineOPD:
+    """The trainer's data provider for standard OPD: a live sampler (the student) and teacher."""
 
-    def __init__(self, config: TrainConfig, online: OnlineConfig):
-        if config.loss == "sft":
-            raise ConfigError("online OPD needs a distillation loss, not 'sft'", "use loss=lightning_opd or a top-k loss")
-        super().__init__(config)
+    def __init__(self, online: OnlineConfig):
         self.online = online
+        self.data: OnlineData | None = None
 
-    def check_inputs(self):
+    def requires_lineage(self, config) -> bool:
+        return False  # the rollouts come from the live student itself; no stored teacher scores
+
+    def open(self, config, start):
         import torch
 
         from megatron_lopd.generation.backends import load_backend
         from megatron_lopd.generation.prompts import load_prompt_set, load_tokenizer
-        from megatron_lopd.provenance import check_teacher_consistency, model_fingerprint, tokenizer_fingerprint
-        from megatron_lopd.training.loop import resolve_start_model
+        from megatron_lopd.provenance import Lineage, model_fingerprint, tokenizer_fingerprint
 
         if torch.distributed.get_world_size() != 1:
             raise ConfigError("the online OPD data stream runs in a single process", "launch without torchrun (world size 1)")
         cfg = self.online
-        start = resolve_start_model(self.config)
         if start.kind != "hf":
             raise ConfigError(f"{start.path}: online OPD starts from a Hugging Face dir (the sampler loads it)", "pass the student's HF export as model.start_from")
         teacher_fp = model_fingerprint(cfg.teacher)
-        # Tokenizer consistency is never optional: the teacher must read the student's ids.
-        check_teacher_consistency(
-            store_teacher=teacher_fp, sft_data_generator=None, rollout_policy=None, start_checkpoint=None,
-            tokenizers={"student": start.tokenizer_fingerprint, "teacher": tokenizer_fingerprint(cfg.teacher)},
-        )
+        lineage = Lineage(teacher=teacher_fp, tokenizers={"student": start.tokenizer_fingerprint, "teacher": tokenizer_fingerprint(cfg.teacher)})
+        lineage.check()  # before loading two models: the teacher must read the student's ids
         prompt_set = load_prompt_set(cfg.prompts, load_tokenizer(start.path))
         self._prompt_ids = prompt_set.token_ids
         self._backends = (
@@ -226,25 +220,26 @@ class OnlineTrainer(Trainer):
             "top_k": cfg.top_k,
             "backend": cfg.backend,
         }
-        return start, source, [], record
+        return source, lineage, record
 
-    def build_data(self) -> None:
-        if self.config.parallel.pipeline_parallel != 1:
+    def reopen(self, config):
+        raise ConfigError("the online OPD data stream runs in a single process", "launch without torchrun (world size 1)")
+
+    def stream(self, trainer) -> OnlineData:
+        if trainer.config.parallel.pipeline_parallel != 1:
             raise ConfigError("online OPD runs with pipeline_parallel=1", "set parallel.pipeline_parallel=1")
         student, teacher = self._backends
-        self.data = OnlineData(self, self._prompt_ids, student, teacher)
+        self.data = OnlineData(trainer, self.online, self._prompt_ids, student, teacher)
+        return self.data
 
 
 def train_online(config: TrainConfig, online: OnlineConfig):
     """Run (or resume) standard OPD. Returns (the trainer's RunSummary, OnlineStats of this invocation)."""
-    from megatron_lopd.runtime import destroy_distributed
+    from megatron_lopd.training.loop import train
+    from megatron_lopd.training.losses import loss_spec
 
-    trainer = OnlineTrainer(config, online)
-    try:
-        trainer.setup()
-        summary = trainer.run()
-        return summary, trainer.data.stats
-    finally:
-        trainer.close()
-        destroy_distributed()
-
+    if not loss_spec(config.loss).distills:
+        raise ConfigError(f"online OPD needs a distillation loss, not {config.loss!r}", "use loss=lightning_opd or a top-k loss")
+    provider = OnlineOPD(online)
+    summary = train(config, provider)
+    return summary, provider.data.stats

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_lopd.runtime.files import atomic_write
+
 SUMMARY_NAME = "summary.json"
 REPORT_NAME = "report.md"
 PLOT_NAME = "curves.png"
@@ -285,9 +287,7 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
     out = Path(out)
     plot_curves(summary, out / PLOT_NAME)
     (out / REPORT_NAME).write_text(report_markdown(summary))
-    tmp = out / f".{SUMMARY_NAME}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(out / SUMMARY_NAME)
+    atomic_write(out / SUMMARY_NAME, json.dumps(summary, indent=1) + "\n")
     return out / REPORT_NAME
 
 

@@ -208,10 +208,10 @@ class DemoPaths:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
+    from megatron_lopd.runtime.files import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def _cpu_seconds() -> float:
@@ -504,31 +504,23 @@ class Demo:
         return {"measure": self.measure("base_student", self.paths.init_model("base_student"))}
 
     def run_pipeline_stage(self, name: str) -> dict[str, Any]:
-        """One stage of `pipeline.build_stages`: skipped when its output verifies (a resumed
-        demo), else its `lopd` commands run in this process (progress bars on), or as the
-        pipeline's own subprocess for vLLM (whose engine sets process-wide thread state)."""
-        from megatron_lopd.cli import main as lopd_main
-        from megatron_lopd.pipeline import StageFailed, build_stages, lopd_command, run_stage
+        """One stage of `pipeline.build_stages`, through the pipeline's runner: skipped when its
+        output verifies (a resumed demo), else its `lopd` commands run in this process (progress
+        bars on), or as subprocesses for vLLM (whose engine sets process-wide thread state)."""
+        from megatron_lopd.pipeline import build_stages, lopd_in_process, run_stage
 
         config = self.pipeline_config()
         stage = next(st for st in build_stages(config) if st.name == name)
-        t0 = time.perf_counter()
-        if stage.is_done():
-            detail = stage.check()
-        elif name == "sft_data" and config.sft_data.backend == "vllm":
+        def in_process(args: list[str]) -> int:
+            return lopd_in_process([a for a in args if a != "--no-progress" or not self.progress])
+
+        execute = in_process
+        if name == "sft_data" and config.sft_data.backend == "vllm":
+            execute = None
             self.console(f"    lopd generate --backend vllm (subprocess; log: {self.paths.logs / 'sft_data.log'})")
-            detail = run_stage(stage, log_dir=self.paths.logs, echo=lambda _line: None).detail
-        else:
-            if stage.fresh_output and stage.output.exists():
-                shutil.rmtree(stage.output)
-            prefix, _python = lopd_command(stage.env)
-            for argv in stage.commands():
-                args = [a for a in argv[len(prefix):] if a != "--no-progress" or not self.progress]
-                rc = lopd_main(args)
-                if rc:
-                    raise StageFailed(f"demo stage {name}: `lopd {' '.join(args[:1])}` exited with {rc}", "see the error above; rerun with --resume")
-            detail = stage.check()
-        return {"seconds_stage": time.perf_counter() - t0, "detail": detail, "outputs": {k: str(v) for k, v in stage.outputs.items()}}
+        t0 = time.perf_counter()
+        result = run_stage(stage, log_dir=self.paths.logs, echo=lambda _line: None, execute=execute)
+        return {"seconds_stage": time.perf_counter() - t0, "detail": result.detail, "outputs": {k: str(v) for k, v in stage.outputs.items()}}
 
     def curve(self, name: str, run_dir: Path, final_model: Path, final_measure: dict[str, Any]) -> list[dict[str, Any]]:
         """Accuracy and KL to teacher A at step 0 (R), each saved checkpoint, and the end."""

@@ -5,7 +5,6 @@ from megatron_lopd.evaluation.evaluate import (
     EvalConfig,
     EvalSummary,
     Problem,
-    Shard,
     evaluate,
     load_problems,
     merge_shards,
@@ -14,6 +13,7 @@ from megatron_lopd.evaluation.evaluate import (
 )
 from megatron_lopd.evaluation.graders import GRADERS, Verdict, grade_response, make_grader
 from megatron_lopd.evaluation.metrics import pass_at_k
+from megatron_lopd.runtime.shards import Shard
 
 __all__ = [
     "GRADERS",

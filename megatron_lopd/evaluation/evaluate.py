@@ -41,6 +41,7 @@ from megatron_lopd.errors import ArtifactError, ConfigError, ConsistencyError
 from megatron_lopd.evaluation.graders import GRADERS, Grader, grade_response, make_grader, strip_thinking
 from megatron_lopd.evaluation.metrics import mean_pass_at_k, report_ks
 from megatron_lopd.runtime.files import LOCK_NAME, OutputLock, atomic_write, check_writable_dir, os_error_fix, os_error_reason
+from megatron_lopd.runtime.shards import Shard
 
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -125,35 +126,6 @@ class Problem:
         if config.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": config.system_prompt})
         return messages
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Process `index` of `count` (0-based) takes problems index, index+count, ..."""
-
-    index: int = 0
-    count: int = 1
-
-    @classmethod
-    def parse(cls, text: str) -> "Shard":
-        try:
-            index, count = (int(x) for x in text.split("/"))
-        except ValueError:
-            raise ConfigError(f"--shard {text!r} is not I/N", "use e.g. --shard 0/4 (0-based shard index / number of shards)") from None
-        shard = cls(index, count)
-        shard.validate()
-        return shard
-
-    def validate(self) -> None:
-        if not (self.count >= 1 and 0 <= self.index < self.count):
-            raise ConfigError(f"shard {self.index}/{self.count} is out of range", "use 0 <= I < N in --shard I/N")
-
-    def indices(self, num_problems: int) -> list[int]:
-        return list(range(self.index, num_problems, self.count))
-
-    @property
-    def dirname(self) -> str:
-        return f"shard-{self.index:05d}-of-{self.count:05d}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -537,18 +509,17 @@ def evaluate(
     the earlier results.
     """
     config.validate()
-    shard.validate()
     check_problems(problems)
     grader = config.make_grader()
     model_dir = Path(model_dir)
     indices = shard.indices(len(problems))
     if not indices:
-        raise ConfigError(f"shard {shard.index}/{shard.count} gets no problems (only {len(problems)})", "use fewer shards than problems")
+        raise ConfigError(f"shard {shard} gets no problems (only {len(problems)})", "use fewer shards than problems")
     if out_dir is None:
         return _evaluate(model_dir, problems, indices, config, grader, backend, shard, progress, None, overwrite)
     out = check_writable_dir(out_dir, "eval output", "--out")
     work = out if shard.count == 1 else check_writable_dir(out / shard.dirname, "eval shard output", "--out")
-    what = "eval output" if shard.count == 1 else f"eval shard {shard.index}/{shard.count} output"
+    what = "eval output" if shard.count == 1 else f"eval shard {shard} output"
     with OutputLock(work / LOCK_NAME, what):
         summary = _evaluate(model_dir, problems, indices, config, grader, backend, shard, progress, work, overwrite)
     if shard.count > 1 and _all_shards_done(out, shard.count):

@@ -177,25 +177,3 @@ def raise_non_finite(info: ModelInfo, backend: str, prompt_index: int | None = N
         f"model {info.path} produced non-finite logits (NaN or inf) while generating with --backend {backend}{where}: "
         "its samples would be garbage, nothing was written for them",
         "check the model's weights (a diverged or corrupted checkpoint/export?); with bfloat16/float16 try --dtype float32")
-
-
-def parse_shard(spec: str | None) -> tuple[int, int]:
-    """`--shard I/N` -> (I, N). None: from the launcher (srun task / SLURM array task / torchrun rank), else 0/1."""
-    import os
-
-    if spec is None:
-        env = os.environ
-        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-            first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-            return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
-        from megatron_lopd.runtime.distributed import launch_info
-
-        info = launch_info()
-        return info.rank, info.world_size
-    try:
-        i, n = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {spec!r} is not of the form I/N", "e.g. --shard 0/4 for the first of four workers") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise ConfigError(f"--shard {spec}: need 0 <= I < N", "e.g. --shard 3/4 for the last of four workers")
-    return i, n

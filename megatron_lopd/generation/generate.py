@@ -26,11 +26,12 @@ from megatron_lopd.artifacts import ARTIFACT_KINDS, ArtifactWriter, RolloutArtif
 from megatron_lopd.artifacts import FINISH_STOP
 from megatron_lopd.generation.backends import load_backend
 from megatron_lopd.generation.base import SamplingParams, inspect_model_dir
+from megatron_lopd.runtime.shards import Shard
 
 
 @dataclass
 class GenerateConfig:
-    """What `lopd generate` needs. `shard=None`: taken from the launcher (see `base.parse_shard`)."""
+    """What `lopd generate` needs. `shard`: this worker's chunks (`runtime.shards.parse_shard`)."""
 
     model: Path
     prompts: Path
@@ -43,7 +44,7 @@ class GenerateConfig:
     max_model_len: int | None = None
     thinking: bool | None = None  # enable_thinking for the chat template; None: the template's default
     chunk_size: int = 256  # prompts per chunk: the unit of resume and sharding, and one engine batch
-    shard: tuple[int, int] = (0, 1)
+    shard: Shard = Shard()
     overwrite: bool = False
     progress: bool = True
     backend_options: dict = field(default_factory=dict)

@@ -100,6 +100,26 @@ def _check_inputs(cfg: ScoreConfig, art: RolloutArtifact) -> tuple[str, int]:
     return model_fingerprint(cfg.teacher), info.vocab_size
 
 
+def check_scoring_inputs(rollouts: str | Path, teacher: str | Path, sft_data: str | Path | None = None) -> list[str]:
+    """Before hours of teacher scoring (`lopd pipeline check-score`, the scoring job's pre-check):
+    the rollouts are complete and carry the sampler's log-probs, the teacher is a model with the
+    rollouts' tokenizer, and (given the SFT data) the teacher is the model that wrote the SFT data.
+    Raises a LopdError; returns report lines."""
+    from megatron_lopd.provenance import Lineage, cached_model_fingerprint, tokenizer_fingerprint
+
+    art = RolloutArtifact.open(rollouts, verify=True)
+    if art.kind != "rollouts":
+        raise ArtifactError(f"{rollouts}: is a {art.kind!r} artifact, expected 'rollouts'", "score the rollouts of the SFT model (lopd generate --record-logprobs)")
+    inspect_model_dir(teacher)
+    teacher_fp = cached_model_fingerprint(teacher)
+    lines = [f"rollouts {rollouts}: {len(art)} records by {art.generator_fingerprint}", f"teacher {teacher}: {teacher_fp}"]
+    sft_writer, sft_tokenizer = Lineage.writer_of(sft_data) if sft_data else (None, None)
+    Lineage(teacher=teacher_fp, sft_data_writer=sft_writer,
+            tokenizers={"rollouts": art.tokenizer_fingerprint, "teacher": tokenizer_fingerprint(teacher), "sft_data": sft_tokenizer}).check()
+    lines.append("teacher consistency: " + ("ok (the SFT data's generator)" if sft_data else "not checked (no SFT data given)"))
+    return lines
+
+
 def _provenance(cfg: ScoreConfig, art: RolloutArtifact, teacher_fp: str, engine_version: str) -> dict:
     from megatron_lopd.provenance import tokenizer_fingerprint
 

@@ -32,6 +32,7 @@ import torch
 from megatron_lopd.errors import ArtifactError, ConfigError, ConsistencyError, LopdError
 from megatron_lopd.models import hf_mapping as hfm
 from megatron_lopd.models.qwen3 import Qwen3Config, check_parallel_layout
+from megatron_lopd.runtime.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -417,9 +418,8 @@ def _write_metadata(ckpt_dir: Path, hf_config: dict, *, tp: int, pp: int, ep: in
         "producer": f"megatron-lopd {megatron_lopd.__version__}",
         **extra,
     }
-    tmp = ckpt_dir / (METADATA_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    tmp.replace(ckpt_dir / METADATA_FILE)  # written last: its presence marks a complete checkpoint
+    # Written last: its presence marks a complete checkpoint.
+    atomic_write(ckpt_dir / METADATA_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def tokenizer_files(src_dir: str | Path) -> list[str]:

@@ -82,6 +82,31 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = Fa
 
 
 # ----------------------------------------------------------------------------- locks
+def publish_once(path: str | os.PathLike, data: bytes | str) -> bool:
+    """Create ``path`` holding ``data`` unless it exists, atomically and exclusively: of several
+    processes publishing at once exactly one wins (True); the others find it there (False) and
+    compare. Not `atomic_write`, which replaces. The temporary starts with `.<name>.`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+
+
+def refuse_foreign_dir(path: Path, what: str, fix: str, ignore: Callable[[str], bool] = lambda name: name.startswith(".")) -> None:
+    """An existing directory that holds anything (but ``ignore``d names) is not ours to write in:
+    raise "``what`` (it holds a, b, ...)"."""
+    others = sorted(p.name for p in path.iterdir() if not ignore(p.name)) if path.is_dir() else []
+    if others:
+        shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+        raise ArtifactError(f"{what} (it holds {shown})", fix)
+
+
 def _holder() -> dict[str, Any]:
     return {
         "host": socket.gethostname(),

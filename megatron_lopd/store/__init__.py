@@ -18,23 +18,20 @@ Read (trainer, notebooks)::
 Check: `verify_store(path).ok` (decodes everything), `check_store_files(path)` (fast: markers,
 files, sizes, crc32c of every chunk; raises on the first problem; run it before training),
 `inspect_store(path)`, or ``lopd store verify|inspect PATH``.
-The schema and layout are documented in `megatron_lopd.store.schema`; the store knows
-nothing of models or training.
+The schema and layout are documented in `megatron_lopd.store.schema` (paths and markers:
+`store.layout`, which every other module reads through); the store knows nothing of
+models or training.
 """
 
+from megatron_lopd.store.finalize import finalize_store
 from megatron_lopd.store.format import ChecksumError
+from megatron_lopd.store.layout import ShardMarker
 from megatron_lopd.store.reader import TeacherStore, check_provenance
-from megatron_lopd.store.schema import (
-    SCHEMA_VERSION,
-    RecordError,
-    SequenceRecord,
-    StoreMeta,
-    StoreProvenance,
-    content_hash,
-)
+from megatron_lopd.store.schema import SCHEMA_VERSION, RecordError, SequenceRecord, StoreMeta, StoreProvenance, content_hash
 from megatron_lopd.store.synthetic import SyntheticSpec, synthetic_record, synthetic_records
-from megatron_lopd.store.verify import FileCheckStats, VerifyReport, check_store_files, inspect_store, require_valid_store, verify_store
-from megatron_lopd.store.writer import ShardMarker, StoreSummary, StoreWriter, finalize_store
+from megatron_lopd.store.verify import (FileCheckStats, StoreSummary, VerifyReport, check_store_files, inspect_store,
+                                        require_valid_store, verify_store)
+from megatron_lopd.store.writer import StoreWriter
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -38,18 +38,10 @@ import numpy as np
 
 from megatron_lopd.errors import ArtifactError, ConfigError, ConsistencyError
 from megatron_lopd.store.format import ChunkCache, ShardedArray, read_small_array
-from megatron_lopd.store.schema import (
-    SEQUENCES_DIR,
-    SHARDS_DIR,
-    TOPK_VOCABULARY,
-    SequenceRecord,
-    StoreMeta,
-    StoreProvenance,
-    decode_topk_inplace,
-    uint64_to_hash,
-)
-from megatron_lopd.store.writer import ShardMarker, StoreWriter, read_meta, shard_name
-
+from megatron_lopd.store.layout import (PER_SEQUENCE, ShardMarker, done_shards, marker_path, read_meta, shard_dir,
+                                        size_mismatch, store_nbytes, token_array_names)
+from megatron_lopd.store.schema import (SEQUENCES_DIR, TOPK_VOCABULARY, SequenceRecord, StoreMeta, StoreProvenance,
+                                        decode_topk_inplace, uint64_to_hash)
 
 
 def check_provenance(provenance: StoreProvenance, require: dict[str, Any] | None, where: str) -> None:
@@ -107,7 +99,7 @@ class TeacherStore:
         path = Path(path)
         meta = read_meta(path)
         if not meta.complete:
-            done = len(StoreWriter(path, meta).done_shards())
+            done = len(done_shards(path, meta))
             raise ArtifactError(
                 f"teacher store {path} is incomplete ({done} of {meta.num_shards} shards done, not finalized)",
                 "finish the scoring workers, then run finalize_store / `lopd store finalize`",
@@ -119,8 +111,7 @@ class TeacherStore:
             group = zarr.open_group(path / SEQUENCES_DIR, mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise ArtifactError(f"teacher store {path}: {SEQUENCES_DIR}/ is missing", "run finalize_store again") from exc
-        per_seq = {name: read_small_array(group, name, f"teacher store {path}")
-                   for name in ("prompt_lens", "response_lens", "sample_index", "content_hash", "prompt_id")}
+        per_seq = {name: read_small_array(group, name, f"teacher store {path}") for name in PER_SEQUENCE}
         if any(len(v) != meta.num_sequences for v in per_seq.values()):
             raise ArtifactError(f"teacher store {path}: per-sequence arrays do not have {meta.num_sequences} entries",
                                 "run finalize_store again")
@@ -184,7 +175,7 @@ class TeacherStore:
     @property
     def nbytes(self) -> int:
         """Bytes on disk (all files of the store)."""
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return store_nbytes(self.path)
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """(prompt_lens, response_lens) int32 arrays, one entry per sequence."""
@@ -209,13 +200,9 @@ class TeacherStore:
             arrays = self._arrays.get(shard)
             if arrays is not None:
                 return arrays
-            names = ["prompt_ids", "response_ids", "teacher_logprobs"]
-            if self.has_rollout_logprobs:
-                names.append("rollout_logprobs")
-            if self.load_topk:
-                names += ["topk_ids", "topk_logprobs"]
-            base = self.path / SHARDS_DIR / shard_name(shard)
-            arrays = {n: ShardedArray(base / n, f"array {n!r} of shard {shard}", self.verify_checksums) for n in names}
+            base = shard_dir(self.path, shard)
+            arrays = {n: ShardedArray(base / n, f"array {n!r} of shard {shard}", self.verify_checksums)
+                      for n in token_array_names(self.meta, with_topk=self.load_topk)}
             if self.load_topk:
                 import zarr
 
@@ -314,21 +301,13 @@ def _starts_within_shards(lens: np.ndarray, first_of_shard: np.ndarray) -> np.nd
 
 def _check_shard_files(path: Path, shard: int) -> None:
     """Every data file named by the shard's marker exists with its recorded size."""
-    marker = ShardMarker.read(path / "markers" / f"{shard_name(shard)}.json")
+    marker = ShardMarker.read(marker_path(path, shard))
     if marker is None:
         raise ArtifactError(f"teacher store {path}: shard {shard} has no done marker although the store is complete",
                             "the store was modified after finalizing: rescore that shard and finalize again")
-    base = path / SHARDS_DIR / shard_name(shard)
-    for rel, size in marker.files.items():
-        try:
-            actual = (base / rel).stat().st_size
-        except FileNotFoundError:
-            raise ArtifactError(f"teacher store {path}: shard {shard} file {rel} is missing",
-                                "delete that shard's marker, rerun its writer and finalize again") from None
-        if actual != size:
-            array = rel.split("/")[0]
-            raise ArtifactError(
-                f"teacher store {path}: array {array!r} of shard {shard} is {actual} bytes, its marker says {size} "
-                "(truncated or rewritten)",
-                "delete that shard's marker, rerun its writer and finalize again",
-            )
+    mismatch = size_mismatch(shard_dir(path, shard), marker)
+    if mismatch is not None:
+        rel, actual, size = mismatch
+        what = (f"shard {shard} file {rel} is missing" if actual is None else
+                f"array {rel.split('/')[0]!r} of shard {shard} is {actual} bytes, its marker says {size} (truncated or rewritten)")
+        raise ArtifactError(f"teacher store {path}: {what}", "delete that shard's marker, rerun its writer and finalize again")

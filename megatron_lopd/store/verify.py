@@ -34,27 +34,48 @@ import numpy as np
 
 from megatron_lopd.errors import ArtifactError, LopdError
 from megatron_lopd.store.format import ChecksumError, ShardedArray, read_small_array
-from megatron_lopd.store.schema import (
-    MARKERS_DIR,
-    StoreMeta,
-    SEQUENCES_DIR,
-    SHARDS_DIR,
-    TOPK_VOCABULARY,
-    aligned_positions,
-    content_hash,
-    decode_topk_inplace,
-    uint64_to_hash,
-)
-from megatron_lopd.store.writer import (
-    ShardMarker,
-    StoreSummary,
-    StoreWriter,
-    read_meta,
-    shard_name,
-    store_nbytes,
-)
+from megatron_lopd.store.layout import (PER_SEQUENCE, ShardMarker, done_shards, marker_path, read_meta, shard_array_names,
+                                        shard_dir, shard_problem, shard_range, size_mismatch, store_nbytes, token_array_names)
+from megatron_lopd.store.schema import (SEQUENCES_DIR, TOPK_VOCABULARY, StoreMeta, aligned_positions, content_hash,
+                                        decode_topk_inplace, uint64_to_hash)
 
-_PER_SEQ = ("prompt_lens", "response_lens", "sample_index", "content_hash", "prompt_id")
+
+@dataclass
+class StoreSummary:
+    """What `finalize_store` and `inspect_store` report."""
+
+    path: str
+    complete: bool
+    schema_version: int
+    num_sequences: int
+    num_shards: int
+    shards_done: int
+    top_k: int
+    vocab_size: int
+    has_rollout_logprobs: bool
+    prompt_tokens: int
+    response_tokens: int
+    nbytes: int
+    provenance: dict[str, Any]
+    problems: list[str] = field(default_factory=list)  # missing markers / shard directories / files (inspect)
+
+    @classmethod
+    def of(cls, path: Path, meta: StoreMeta, shards_done: int, tokens: tuple[int, int] | None = None,
+           problems: list[str] | None = None) -> "StoreSummary":
+        """``tokens``: (prompt, response) tokens, by default the finalizer's counts in ``meta``."""
+        prompt, response = tokens or (int(meta.prompt_tokens or 0), int(meta.response_tokens or 0))
+        return cls(path=str(path), complete=meta.complete and not problems, schema_version=meta.schema_version,
+                   num_sequences=meta.num_sequences, num_shards=meta.num_shards, shards_done=shards_done, top_k=meta.top_k,
+                   vocab_size=meta.vocab_size, has_rollout_logprobs=meta.has_rollout_logprobs, prompt_tokens=prompt,
+                   response_tokens=response, nbytes=store_nbytes(path), provenance=meta.provenance.to_dict(),
+                   problems=problems or [])
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.nbytes / max(1, self.response_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "bytes_per_token": round(self.bytes_per_token, 3)}
 
 
 @dataclass
@@ -92,19 +113,18 @@ def verify_store(path: str | os.PathLike, *, require_complete: bool = True, prog
         report.problem(str(exc))
         return report
     report.complete, report.num_shards = meta.complete, meta.num_shards
-    writer = StoreWriter(path, meta)
     if require_complete and not meta.complete:
-        done = len(writer.done_shards())
+        done = len(done_shards(path, meta))
         report.problem(f"store is not complete ({done} of {meta.num_shards} shards have done markers; not finalized)")
     shards = range(meta.num_shards)
     if progress:
         from tqdm import tqdm
 
         shards = tqdm(shards, desc="verify shards", unit="shard")
-    per_seq_all: dict[str, list[np.ndarray]] = {name: [] for name in _PER_SEQ}
+    per_seq_all: dict[str, list[np.ndarray]] = {name: [] for name in PER_SEQUENCE}
     for s in shards:
         try:
-            per_seq = _verify_shard(path, writer, s, report)
+            per_seq = _verify_shard(path, meta, s, report)
         except LopdError as exc:
             report.problem(f"shard {s}: {exc}")
             continue
@@ -112,12 +132,12 @@ def verify_store(path: str | os.PathLike, *, require_complete: bool = True, prog
             report.problem(f"shard {s}: unreadable ({type(exc).__name__}: {exc})")
             continue
         report.shards_checked += 1
-        for name in _PER_SEQ:
+        for name in PER_SEQUENCE:
             per_seq_all[name].append(per_seq[name])
     if meta.complete and report.shards_checked == meta.num_shards:
         try:
             group = zarr.open_group(path / SEQUENCES_DIR, mode="r")
-            for name in _PER_SEQ:
+            for name in PER_SEQUENCE:
                 stored = read_small_array(group, name, f"{path}/{SEQUENCES_DIR}")
                 expect = np.concatenate(per_seq_all[name])
                 if stored.shape != expect.shape or not np.array_equal(stored.astype(expect.dtype), expect):
@@ -137,32 +157,29 @@ def require_valid_store(path: str | os.PathLike) -> VerifyReport:
     return report
 
 
-def _verify_shard(path: Path, writer: StoreWriter, s: int, report: VerifyReport) -> dict[str, np.ndarray]:
+def _verify_shard(path: Path, meta: StoreMeta, s: int, report: VerifyReport) -> dict[str, np.ndarray]:
     import zarr
 
-    meta = writer.meta
-    marker = writer.marker(s)
+    marker = ShardMarker.read(marker_path(path, s))
     if marker is None:
         raise LopdError("no done marker (not written, or its writer was killed)")
-    base = path / SHARDS_DIR / shard_name(s)
-    for rel, size in marker.files.items():
-        f = base / rel
-        if not f.exists():
+    base = shard_dir(path, s)
+    mismatch = size_mismatch(base, marker)
+    if mismatch is not None:
+        rel, actual, size = mismatch
+        if actual is None:
             raise LopdError(f"file {rel} is missing")
-        if f.stat().st_size != size:
-            raise LopdError(f"array {rel.split('/')[0]!r}: file {rel} is {f.stat().st_size} bytes, marker says {size} (truncated?)")
-    rng = writer.shard_range(s)
+        raise LopdError(f"array {rel.split('/')[0]!r}: file {rel} is {actual} bytes, marker says {size} (truncated?)")
+    rng = shard_range(meta, s)
     group = zarr.open_group(base, mode="r")
-    per_seq = {name: read_small_array(group, name, f"shard {s}") for name in _PER_SEQ}
+    per_seq = {name: read_small_array(group, name, f"shard {s}") for name in PER_SEQUENCE}
     if len(per_seq["prompt_lens"]) != len(rng):
         raise LopdError(f"holds {len(per_seq['prompt_lens'])} sequences, expected {len(rng)}")
     plens, rlens = per_seq["prompt_lens"].astype(np.int64), per_seq["response_lens"].astype(np.int64)
     if int(plens.sum()) != marker.prompt_tokens or int(rlens.sum()) != marker.response_tokens:
         raise LopdError("token counts differ from the done marker")
     real, rslots = aligned_positions(rlens, meta.chunk_tokens)  # real positions: without the padding
-    names = ["prompt_ids", "response_ids", "teacher_logprobs"]
-    names += ["rollout_logprobs"] if meta.has_rollout_logprobs else []
-    names += ["topk_ids", "topk_logprobs"] if meta.top_k else []
+    names = token_array_names(meta)
     data = {}
     for name in names:
         arr = ShardedArray(base / name, f"array {name!r} of shard {s}")
@@ -202,38 +219,6 @@ def _verify_shard(path: Path, writer: StoreWriter, s: int, report: VerifyReport)
             raise LopdError(f"sequence {rng.start + j}: content hash {actual} differs from the stored {uint64_to_hash(stored)}")
     report.tokens_checked += int(rlens.sum())
     return per_seq
-
-
-def _array_names(meta: StoreMeta) -> list[str]:
-    names = ["prompt_ids", "response_ids", "teacher_logprobs"]
-    names += ["rollout_logprobs"] if meta.has_rollout_logprobs else []
-    names += ["topk_ids", "topk_logprobs", TOPK_VOCABULARY] if meta.top_k else []
-    return names + list(_PER_SEQ)
-
-
-def _shard_problem(path: Path, meta: StoreMeta, s: int, *, marker_required: bool) -> tuple[str | None, ShardMarker | None]:
-    """Presence and size problem of shard ``s`` (no data read): (problem or None, its marker)."""
-    try:
-        marker = ShardMarker.read(path / MARKERS_DIR / f"{shard_name(s)}.json")
-    except ArtifactError as exc:
-        return f"shard {s}: {exc.what}", None
-    if marker is None:
-        return (f"shard {s}: done marker {MARKERS_DIR}/{shard_name(s)}.json is missing" if marker_required else None), None
-    base = path / SHARDS_DIR / shard_name(s)
-    if not base.is_dir():
-        return f"shard {s}: shard directory {SHARDS_DIR}/{shard_name(s)} is missing (its marker exists)", marker
-    for rel in ["zarr.json"] + [f"{name}/zarr.json" for name in _array_names(meta)]:
-        if not (base / rel).is_file():
-            return f"shard {s}: {SHARDS_DIR}/{shard_name(s)}/{rel} is missing", marker
-    for rel, size in marker.files.items():
-        try:
-            actual = (base / rel).stat().st_size
-        except FileNotFoundError:
-            return f"shard {s}: file {SHARDS_DIR}/{shard_name(s)}/{rel} is missing", marker
-        if actual != size:
-            return (f"shard {s}: file {SHARDS_DIR}/{shard_name(s)}/{rel} is {actual} bytes, its marker says {size} "
-                    "(truncated or rewritten)"), marker
-    return None, marker
 
 
 def _crc_ok(data: bytes, start: int, stop: int) -> bool:
@@ -312,24 +297,24 @@ def check_store_files(path: str | os.PathLike, *, checksums: bool = True, requir
     meta = read_meta(path)
     stats = FileCheckStats(path=str(path))
     if require_complete and not meta.complete:
-        done = sum((path / MARKERS_DIR / f"{shard_name(s)}.json").exists() for s in range(meta.num_shards))
+        done = len(done_shards(path, meta))
         raise ArtifactError(f"teacher store {path} is not complete ({done} of {meta.num_shards} shards done, not finalized)",
                             "finish the scoring workers, then run `lopd store finalize`")
     for s in range(meta.num_shards):
-        problem, marker = _shard_problem(path, meta, s, marker_required=True)
+        problem, marker = shard_problem(path, meta, s, marker_required=True)
         if problem is not None:
             raise ArtifactError(f"teacher store {path}: {problem}",
                                 "delete that shard's marker if present, rerun its writer (`lopd score` resumes) and finalize again")
         stats.shards += 1
         stats.files += len(marker.files)
         if checksums:
-            base = path / SHARDS_DIR / shard_name(s)
-            for name in _array_names(meta):
+            base = shard_dir(path, s)
+            for name in shard_array_names(meta):
                 c, b = _check_array_checksums(base / name, f"teacher store {path}: array {name!r} of shard {s}")
                 stats.chunks += c
                 stats.bytes_read += b
     if meta.complete:
-        for name in _PER_SEQ:
+        for name in PER_SEQUENCE:
             array_dir = path / SEQUENCES_DIR / name
             if not (array_dir / "zarr.json").is_file():
                 raise ArtifactError(f"teacher store {path}: {SEQUENCES_DIR}/{name} is missing",
@@ -353,26 +338,16 @@ def inspect_store(path: str | os.PathLike) -> StoreSummary:
     meta = read_meta(path)
     problems, markers = [], []
     for s in range(meta.num_shards):
-        problem, marker = _shard_problem(path, meta, s, marker_required=meta.complete)
+        problem, marker = shard_problem(path, meta, s, marker_required=meta.complete)
         if problem is not None:
             problems.append(problem)
         if marker is not None:
             markers.append(marker)
     if meta.complete and not (path / SEQUENCES_DIR / "zarr.json").is_file():
         problems.append(f"{SEQUENCES_DIR}/ is missing")
-    if meta.complete:
-        prompt_tokens, response_tokens = int(meta.prompt_tokens or 0), int(meta.response_tokens or 0)
-    else:
-        prompt_tokens = sum(m.prompt_tokens for m in markers)
-        response_tokens = sum(m.response_tokens for m in markers)
-    done = sum(1 for m in markers if (path / SHARDS_DIR / shard_name(m.shard)).is_dir())
-    return StoreSummary(
-        path=str(path), complete=meta.complete and not problems, schema_version=meta.schema_version,
-        num_sequences=meta.num_sequences, num_shards=meta.num_shards, shards_done=done, top_k=meta.top_k,
-        vocab_size=meta.vocab_size, has_rollout_logprobs=meta.has_rollout_logprobs, prompt_tokens=prompt_tokens,
-        response_tokens=response_tokens, nbytes=store_nbytes(path), provenance=meta.provenance.to_dict(),
-        problems=problems,
-    )
+    tokens = None if meta.complete else (sum(m.prompt_tokens for m in markers), sum(m.response_tokens for m in markers))
+    done = sum(1 for m in markers if shard_dir(path, m.shard).is_dir())
+    return StoreSummary.of(path, meta, done, tokens, problems)
 
 
-__all__ = ["FileCheckStats", "VerifyReport", "check_store_files", "inspect_store", "require_valid_store", "verify_store"]
+__all__ = ["FileCheckStats", "StoreSummary", "VerifyReport", "check_store_files", "inspect_store", "require_valid_store", "verify_store"]

@@ -22,7 +22,7 @@ Rules that make this safe:
   point leaves no marker, so a rerun writes that shard again from scratch (stale
   temporaries are removed) and never touches shards that have markers. Compression is
   deterministic, so a resumed store is byte-identical to an uninterrupted one.
-- Writers never write root attributes; `finalize_store` (one process) checks every shard,
+- Writers never write root attributes; `finalize_store` (`store.finalize`, one process) checks every shard,
   gathers the per-sequence arrays store-wide, consolidates metadata and sets ``complete``.
 - ``pending_shards(worker=i, num_workers=n)`` assigns shard ``s`` to worker ``s % n``
   (deterministic, balanced) and lists the ones without a marker.
@@ -42,133 +42,24 @@ Memory: a writer holds one shard (``sequences_per_shard`` sequences) at a time.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 from megatron_lopd.errors import ArtifactError, ConfigError
-from megatron_lopd.runtime.files import (
-    LOCK_NAME,
-    LockedError,
-    OutputLock,
-    atomic_write,
-    describe_holder,
-    fsync_path,
-    os_error_fix,
-    os_error_reason,
-    remove_owned_dir,
-)
+from megatron_lopd.runtime.files import (LOCK_NAME, LockedError, OutputLock, atomic_write, describe_holder, fsync_path,
+                                        os_error_fix, os_error_reason, publish_once, refuse_foreign_dir, remove_owned_dir)
+import megatron_lopd.store.layout as layout
 from megatron_lopd.store.format import write_small_array, write_token_array
-from megatron_lopd.store.schema import (
-    ENCODINGS,
-    MARKERS_DIR,
-    ROOT_ATTR,
-    SEQUENCES_DIR,
-    SHARDS_DIR,
-    TOPK_VOCABULARY,
-    RecordError,
-    SequenceRecord,
-    StoreMeta,
-    StoreProvenance,
-    aligned_positions,
-    encode_topk,
-    hash_to_uint64,
-    validate_record,
-)
-
-_GROUP_JSON = {"zarr_format": 3, "node_type": "group", "attributes": {}}
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-
-
-def read_root(path: Path) -> dict[str, Any]:
-    """The root ``zarr.json`` of a teacher store as a dict; ArtifactError if it is not one."""
-    root = Path(path) / "zarr.json"
-    if not Path(path).exists():
-        raise ArtifactError(f"{path}: not a teacher store (it does not exist)", "check the path, or create the store with `lopd score`")
-    if not Path(path).is_dir():
-        raise ArtifactError(f"{path}: not a teacher store (a file, not a directory)", "pass the directory `lopd score --out` wrote")
-    try:
-        doc = json.loads(root.read_text())
-    except FileNotFoundError as exc:
-        raise ArtifactError(f"{path}: not a teacher store (no zarr.json)",
-                            "check the path, or create the store with the scoring tool") from exc
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{root}: unreadable ({exc})", "the store's root metadata is corrupted: rescore") from exc
-    if not isinstance(doc, dict) or ROOT_ATTR not in (doc.get("attributes") or {}):
-        raise ArtifactError(f"{path}: a zarr hierarchy but not a teacher store (no {ROOT_ATTR!r} attribute)",
-                            "point at a store written by megatron_lopd.store")
-    return doc
-
-
-def is_teacher_store(path: str | os.PathLike) -> bool:
-    """True only if ``path`` provably is a teacher store: its root zarr.json carries the store attribute.
-    A directory holding only the temporaries of a creator killed before publishing counts too."""
-    path = Path(path)
-    try:
-        doc = json.loads((path / "zarr.json").read_text())
-        return isinstance(doc, dict) and ROOT_ATTR in (doc.get("attributes") or {})
-    except FileNotFoundError:
-        entries = [p.name for p in path.iterdir() if p.name != LOCK_NAME] if path.is_dir() else []
-        return bool(entries) and all(n.startswith(".zarr.json.") and n.endswith(".tmp") for n in entries)
-    except (OSError, ValueError):
-        return False
-
-
-def live_locks(path: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """The store's locks (shard writers, finalizer) whose holder may still be alive."""
-
-    out = []
-    for lock_path in [path / LOCK_NAME, *sorted((path / MARKERS_DIR).glob("*.lock"))]:
-        lock = OutputLock(lock_path, "teacher store")
-        holder = lock.read_holder()
-        if holder is not None and lock.stale_reason(holder) is None:
-            out.append((lock_path, holder))
-    return out
-
-
-def read_meta(path: Path) -> StoreMeta:
-    return StoreMeta.from_attrs(read_root(path)["attributes"][ROOT_ATTR], str(path))
-
-
-def shard_name(shard_id: int) -> str:
-    return f"{shard_id:06d}"
-
-
-@dataclass
-class ShardMarker:
-    """The done marker of one shard (``markers/NNNNNN.json``)."""
-
-    shard: int
-    first_sequence: int
-    num_sequences: int
-    prompt_tokens: int
-    response_tokens: int
-    content_digest: str  # sha256 over the shard's per-sequence content hashes
-    files: dict[str, int]  # data file (relative to the shard directory) -> size in bytes
-    written_at: str = ""
-    host: str = ""
-    pid: int = 0
-
-    @classmethod
-    def read(cls, path: Path) -> "ShardMarker | None":
-        try:
-            return cls(**json.loads(path.read_text()))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, TypeError) as exc:
-            raise ArtifactError(f"{path}: unreadable done marker ({exc})",
-                                "delete the marker and rerun the writer for that shard") from exc
+from megatron_lopd.store.layout import GROUP_JSON, ShardMarker, is_teacher_store, json_bytes, live_locks, read_meta, shard_name
+from megatron_lopd.store.schema import (ENCODINGS, MARKERS_DIR, SHARDS_DIR, TOPK_VOCABULARY, RecordError, SequenceRecord, StoreMeta,
+                                        StoreProvenance, aligned_positions, encode_topk, hash_to_uint64, validate_record)
 
 
 def _content_digest(hashes: Iterable[str]) -> str:
@@ -242,24 +133,12 @@ class StoreWriter:
                         f"{describe_holder(busy[0][1])} (lock {busy[0][0]})",
                         "wait for that process to finish or stop it; nothing was deleted")
             remove_owned_dir(path, is_teacher_store, "teacher store", flag=overwrite_flag)
-        # Another creator's root temp file may be there for a moment (concurrent writers race to create).
-        if path.exists() and not (path / "zarr.json").exists():
-            others = sorted(p.name for p in path.iterdir()
-                            if not p.name.startswith((".zarr.json.", ".lopd-write-probe.")) and p.name != LOCK_NAME)
-            if others:
-                shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
-                raise ArtifactError(f"{path}: exists and is not a teacher store (it holds {shown})",
-                                    "choose an empty or new directory for the store")
+        if not (path / "zarr.json").exists():  # another creator's root temporary may be there for a moment
+            refuse_foreign_dir(path, f"{path}: exists and is not a teacher store", "choose an empty or new directory for the store",
+                               ignore=lambda name: name.startswith((".zarr.json.", ".lopd-write-probe.")) or name == LOCK_NAME)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f".zarr.json.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.write_bytes(_json_bytes({**_GROUP_JSON, "attributes": {ROOT_ATTR: meta.to_attrs()}}))
-        try:
-            os.link(tmp, path / "zarr.json")  # exclusive: exactly one creator publishes the root
-            created = True
-        except FileExistsError:
-            created = False
-        finally:
-            tmp.unlink()
+        # Exactly one creator publishes the root; a second one compares instead.
+        created = publish_once(path / "zarr.json", layout.root_json(meta))
         if not created:
             existing = read_meta(path)
             if existing.layout_key() != meta.layout_key():
@@ -272,7 +151,7 @@ class StoreWriter:
         for sub in (SHARDS_DIR, MARKERS_DIR):
             (path / sub).mkdir(exist_ok=True)
         if not (path / SHARDS_DIR / "zarr.json").exists():
-            atomic_write(path / SHARDS_DIR / "zarr.json", _json_bytes(_GROUP_JSON), fsync=True)
+            atomic_write(path / SHARDS_DIR / "zarr.json", json_bytes(GROUP_JSON), fsync=True)
         return cls(path, meta, fsync, overwrite_flag=overwrite_flag)
 
     @classmethod
@@ -295,8 +174,7 @@ class StoreWriter:
         if not 0 <= shard_id < self.num_shards:
             raise ConfigError(f"teacher store {self.path}: shard {shard_id} out of range [0, {self.num_shards})",
                               "use writer.pending_shards() / shard_ranges()")
-        sps = self.meta.sequences_per_shard
-        return range(shard_id * sps, min((shard_id + 1) * sps, self.meta.num_sequences))
+        return layout.shard_range(self.meta, shard_id)
 
     def shard_ranges(self) -> list[range]:
         """Sequence-index range of every shard (contiguous, in order)."""
@@ -309,7 +187,7 @@ class StoreWriter:
         return seq_index // self.meta.sequences_per_shard
 
     def marker_path(self, shard_id: int) -> Path:
-        return self.path / MARKERS_DIR / f"{shard_name(shard_id)}.json"
+        return layout.marker_path(self.path, shard_id)
 
     def marker(self, shard_id: int) -> ShardMarker | None:
         return ShardMarker.read(self.marker_path(shard_id))
@@ -347,7 +225,7 @@ class StoreWriter:
         return self.marker_path(shard_id).exists()
 
     def done_shards(self) -> list[int]:
-        return [s for s in range(self.num_shards) if self.is_done(s)]
+        return layout.done_shards(self.path, self.meta)
 
     def pending_shards(self, worker: int = 0, num_workers: int = 1) -> list[int]:
         """Shards of ``worker`` (shard s belongs to worker s % num_workers) without a done marker."""
@@ -393,7 +271,7 @@ class StoreWriter:
             return existing
 
         shards_dir = self.path / SHARDS_DIR
-        final = shards_dir / shard_name(shard_id)
+        final = layout.shard_dir(self.path, shard_id)
         for stale in shards_dir.glob(f".tmp-{shard_name(shard_id)}-*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a writer killed mid-shard
         tmp = shards_dir / f".tmp-{shard_name(shard_id)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -406,13 +284,12 @@ class StoreWriter:
                 fsync_path(tmp)
             if final.exists():  # renamed by a writer killed before its marker: redo
                 shutil.rmtree(final)
-            os.rename(tmp, final)
+            os.rename(tmp, final)  # a whole directory at once: more than atomic_write's one file
             if self.fsync:
                 fsync_path(shards_dir)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError):  # a full disk, a read-only or vanished directory: one line
-
                 raise ArtifactError(
                     f"teacher store {self.path}: cannot write shard {shard_id} ({exc.filename or final}): "
                     f"{os_error_reason(exc)}", os_error_fix(exc)) from None
@@ -424,7 +301,7 @@ class StoreWriter:
             content_digest=digest, files={k: v for k, v in files.items() if not k.endswith("zarr.json")},
             written_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname(), pid=os.getpid(),
         )
-        atomic_write(self.marker_path(shard_id), _json_bytes(marker.__dict__), fsync=self.fsync)
+        atomic_write(self.marker_path(shard_id), json_bytes(marker.__dict__), fsync=self.fsync)
         return marker
 
     def _write_arrays(self, directory: Path, shard_id: int, recs: list[SequenceRecord], hashes: list[str]) -> None:
@@ -481,150 +358,3 @@ def _describe_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
             parts.append(f"{prefix}{key}: store has {a!r}, requested {b!r}")
     return "; ".join(parts)
 
-
-# ---------------------------------------------------------------------------------------
-# Finalize
-
-
-@dataclass
-class StoreSummary:
-    """What `finalize_store` and `inspect_store` report."""
-
-    path: str
-    complete: bool
-    schema_version: int
-    num_sequences: int
-    num_shards: int
-    shards_done: int
-    top_k: int
-    vocab_size: int
-    has_rollout_logprobs: bool
-    prompt_tokens: int
-    response_tokens: int
-    nbytes: int
-    provenance: dict[str, Any]
-    problems: list[str] = field(default_factory=list)  # missing markers / shard directories / files (inspect)
-
-    @property
-    def bytes_per_token(self) -> float:
-        return self.nbytes / max(1, self.response_tokens)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "bytes_per_token": round(self.bytes_per_token, 3)}
-
-
-def store_nbytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-def _publish_root(path: Path, meta: StoreMeta, consolidated: dict[str, Any] | None) -> None:
-    doc: dict[str, Any] = {**_GROUP_JSON, "attributes": {ROOT_ATTR: meta.to_attrs()}}
-    if consolidated is not None:
-        doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
-    atomic_write(path / "zarr.json", _json_bytes(doc), fsync=True)
-
-
-def _consolidated(path: Path) -> dict[str, Any]:
-    """zarr v3 inline consolidated metadata: every node's zarr.json below the root."""
-    out: dict[str, Any] = {}
-    for sub in (SHARDS_DIR, SEQUENCES_DIR):
-        for meta_file in sorted((path / sub).rglob("zarr.json")):
-            rel = meta_file.parent.relative_to(path).as_posix()
-            if "/." in f"/{rel}":
-                continue  # temporaries
-            out[rel] = json.loads(meta_file.read_text())
-    return out
-
-
-def finalize_store(path: str | os.PathLike, *, verify: bool = True, progress: bool = False) -> StoreSummary:
-    """Check every shard, gather per-sequence arrays, consolidate metadata, set ``complete``.
-
-    Run once, by one process, after all writers have exited. Idempotent: finalizing a
-    complete store re-checks it and returns its summary. ``verify=True`` reads every
-    chunk of every shard (checksums, content hashes) before publishing ``complete``;
-    without it every marker, shard directory and file size is still checked. Holds the
-    store's lock: a second concurrent finalizer gets `LockedError` naming the first.
-    """
-
-    path = Path(path)
-    read_meta(path)  # a clear error for a path that is not a store, before any lock file is written
-    with OutputLock(path / LOCK_NAME, f"teacher store {path} (finalize)"):
-        return _finalize_locked(path, verify=verify, progress=progress)
-
-
-def _finalize_locked(path: Path, *, verify: bool, progress: bool) -> StoreSummary:
-    import zarr
-
-
-    from megatron_lopd.store.format import read_small_array
-
-    meta = read_meta(path)
-    if meta.complete:
-        return _finalized_summary(path, meta, verify=verify, progress=progress)
-    writer = StoreWriter(path, meta)
-    missing = [s for s in range(meta.num_shards) if not writer.is_done(s)]
-    if missing:
-        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
-        raise ArtifactError(
-            f"teacher store {path}: {len(missing)} of {meta.num_shards} shards have no done marker ({shown})",
-            "rerun the scoring workers (they write only missing shards), then finalize",
-        )
-    if verify:
-        from megatron_lopd.store.verify import verify_store
-
-        report = verify_store(path, require_complete=False, progress=progress)
-        if not report.ok:
-            raise ArtifactError(f"teacher store {path}: {report.first_problem}",
-                                "delete the named shard's marker, rerun its writer, then finalize again")
-    else:
-        from megatron_lopd.store.verify import check_store_files
-
-        check_store_files(path, checksums=False, require_complete=False)
-    for stale in (path / SHARDS_DIR).glob(".tmp-*"):  # left by killed writers; all writers are done
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in (path / MARKERS_DIR).glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-    for lock_path in (path / MARKERS_DIR).glob("*.lock"):  # of writers killed after their marker
-        lock = OutputLock(lock_path, "teacher store shard")
-        holder = lock.read_holder()
-        if holder is not None and lock.stale_reason(holder) is not None:
-            lock_path.unlink(missing_ok=True)
-
-    gathered: dict[str, list[np.ndarray]] = {}
-    for s in range(meta.num_shards):
-        group = zarr.open_group(path / SHARDS_DIR / shard_name(s), mode="r")
-        for name in ("prompt_lens", "response_lens", "sample_index", "content_hash", "prompt_id"):
-            gathered.setdefault(name, []).append(read_small_array(group, name, f"{path}: shard {s}"))
-    seq_dir = path / SEQUENCES_DIR
-    if seq_dir.exists():
-        shutil.rmtree(seq_dir)  # from a finalize that crashed before publishing
-    group = zarr.open_group(seq_dir, mode="w")
-    for name, parts in gathered.items():
-        values = np.concatenate(parts)
-        if name == "prompt_id":
-            values = values.astype(object)
-        write_small_array(group, name, values, clevel=meta.clevel, chunk=1 << 16)
-    prompt_tokens = int(np.concatenate(gathered["prompt_lens"]).sum(dtype=np.int64))
-    response_tokens = int(np.concatenate(gathered["response_lens"]).sum(dtype=np.int64))
-    meta.complete = True
-    meta.prompt_tokens, meta.response_tokens = prompt_tokens, response_tokens
-    meta.finalized_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    meta.nbytes = store_nbytes(path)
-    _publish_root(path, meta, _consolidated(path))  # the one atomic step that makes it complete
-    return _finalized_summary(path, meta, verify=False)
-
-
-def _finalized_summary(path: Path, meta: StoreMeta, *, verify: bool, progress: bool = False) -> StoreSummary:
-    if verify:
-        from megatron_lopd.store.verify import verify_store
-
-        report = verify_store(path, progress=progress)
-        if not report.ok:
-            raise ArtifactError(f"teacher store {path}: {report.first_problem}", "rescore the named shard")
-    return StoreSummary(
-        path=str(path), complete=True, schema_version=meta.schema_version, num_sequences=meta.num_sequences,
-        num_shards=meta.num_shards, shards_done=meta.num_shards, top_k=meta.top_k, vocab_size=meta.vocab_size,
-        has_rollout_logprobs=meta.has_rollout_logprobs, prompt_tokens=int(meta.prompt_tokens or 0),
-        response_tokens=int(meta.response_tokens or 0), nbytes=store_nbytes(path),
-        provenance=meta.provenance.to_dict(),
-    )

@@ -33,6 +33,7 @@ from megatron_lopd.errors import ArtifactError
 
 from megatron_lopd.models.checkpoint import FORMAT_VERSION, copy_tokenizer_files, read_checkpoint_metadata
 from megatron_lopd.models.checkpoint import METADATA_FILE as METADATA_NAME
+from megatron_lopd.runtime.files import atomic_write
 
 LATEST_NAME = "latest"
 _PARTIAL = ".partial"
@@ -61,12 +62,6 @@ def find_latest(root: str | Path) -> Path | None:
     if not (path / METADATA_NAME).is_file():
         raise ArtifactError(f"{marker} names {path.name}, which is missing or incomplete", f"delete {marker} to start over, or restore {path}")
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -177,11 +172,11 @@ def save_training_checkpoint(
         }
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, partial / "tokenizer")
-        _atomic_write(partial / METADATA_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        atomic_write(partial / METADATA_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if final.exists():  # written by a run that was killed before updating `latest`
             shutil.rmtree(final)
-        os.replace(partial, final)
-        _atomic_write(root / LATEST_NAME, final.name + "\n")
+        os.replace(partial, final)  # a whole directory at once: more than atomic_write's one file
+        atomic_write(root / LATEST_NAME, final.name + "\n")
         if keep_last > 0:
             steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(_PARTIAL))
             for old in steps[:-keep_last]:
@@ -263,4 +258,4 @@ def record_hf_export(ckpt_dir: str | Path, hf_dir: str | Path, hf_fingerprint: s
     path = Path(ckpt_dir) / METADATA_NAME
     meta = json.loads(path.read_text())
     meta.update(hf_export=str(hf_dir), hf_fingerprint=hf_fingerprint)
-    _atomic_write(path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    atomic_write(path, json.dumps(meta, indent=2, sort_keys=True) + "\n")

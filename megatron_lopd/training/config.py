@@ -2,8 +2,9 @@
 
 One way to configure a run: start from a named preset (`lightning_opd`, `sft`,
 `tiny_cpu`) or a JSON / YAML / TOML file, then apply `key=value` overrides with dotted
-paths (`optimizer.lr=1e-5 data.store=/data/store parallel.tensor_parallel=4`). Values are
-converted to the field's type; an unknown key is an error that names the closest keys.
+paths (`optimizer.lr=1e-5 data.store=/data/store parallel.tensor_parallel=4`), read by the
+one config engine (megatron_lopd/config.py: its rules convert values; unknown keys name the
+closest ones).
 
 Batch semantics (the paper's "global batch 256 sequences"): one optimizer step consumes
 exactly `data.global_batch` sequences of the shuffled data stream, split evenly across
@@ -18,16 +19,14 @@ global batch's sequences, however the batch was split.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from megatron_lopd.config import FILE_SUFFIXES, apply_overrides, from_dict
+from megatron_lopd.config import load_file as read_config_file
 from megatron_lopd.errors import ConfigError
 
-LOSSES = ("lightning_opd", "topk_reverse_kl", "topk_forward_kl", "sft")
 LOSS_REDUCTIONS = ("sequence_mean", "token_mean")  # = training.losses.REDUCTIONS (a test checks)
 PRECISIONS = ("auto", "fp32", "bf16")
 FP8_RECIPES = ("", "delayed", "current")
@@ -167,8 +166,10 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Checks that need no model or world size (those come at start, before compute)."""
+        from megatron_lopd.training.losses import LOSSES  # what each loss reads and allows: its LossSpec
+
         choices = (
-            ("loss", self.loss, LOSSES),
+            ("loss", self.loss, tuple(LOSSES)),
             ("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS),
             ("model.precision", self.model.precision, PRECISIONS),
             ("model.fp8", self.model.fp8, FP8_RECIPES),
@@ -191,7 +192,8 @@ class TrainConfig:
         for key, value in positive:
             if not value > 0:
                 raise ConfigError(f"{key}={value} must be positive", f"set {key} to a positive value")
-        if self.advantage_clip < 0 or (self.advantage_clip and self.loss != "lightning_opd"):
+        spec = LOSSES[self.loss]
+        if self.advantage_clip < 0 or (self.advantage_clip and not spec.clippable):
             raise ConfigError(f"advantage_clip={self.advantage_clip} with loss {self.loss!r}",
                               "advantage_clip is a positive clip for loss=lightning_opd only (0 = no clip)")
         if self.train_steps <= 0 and self.epochs <= 0:
@@ -205,7 +207,7 @@ class TrainConfig:
                 "exactly one of model.start_from (a HF or Megatron checkpoint dir) and model.named must be set",
                 "pass model.start_from=DIR (or model.named=NAME for a random-weight benchmark)",
             )
-        needs = "sft_data" if self.loss == "sft" else "store"
+        needs = spec.data
         if not getattr(self.data, needs):
             raise ConfigError(f"loss {self.loss!r} reads data.{needs}, which is not set", f"pass data.{needs}=DIR")
         if self.parallel.sequence_parallel and self.parallel.tensor_parallel == 1:
@@ -216,130 +218,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# --------------------------------------------------------------------------------------
-# Building configs from dicts, files and overrides.
-
-
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _convert(value: Any, typ: Any, key: str) -> Any:
-    """Convert a file value or a command-line string to the field's declared type."""
-    if dataclasses.is_dataclass(typ):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} is a section, got {value!r}", f"set its fields: {key}.FIELD=VALUE")
-        return from_dict(typ, value, prefix=f"{key}.")
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key}={value!r} is not a boolean", f"use {key}=true or {key}=false")
-    if typ in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is not a number", f"give {key} a number")
-        try:
-            if typ is int and isinstance(value, str):
-                number = float(value)  # accepts "1e3"; rejected below if fractional
-                if number != int(number):
-                    raise ValueError
-                return int(number)
-            if typ is int and isinstance(value, float) and value != int(value):
-                raise ValueError
-            return typ(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r} is not a{'n integer' if typ is int else ' number'}", f"give {key} a {typ.__name__}") from None
-    if typ is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}={value!r} is not a string", f"give {key} a string")
-        return "" if value is None else str(value)
-    raise ConfigError(f"{key}: unsupported field type {typ}")  # a bug in this module, not user input
-
-
-def _unknown_key(key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3)
-    hint = f"did you mean {', '.join(close)}?" if close else f"known keys: {', '.join(known)}"
-    return ConfigError(f"unknown config key {key!r}", hint)
-
-
-def from_dict(cls, data: dict[str, Any], *, prefix: str = ""):
-    """Build a config dataclass from a (nested) dict; missing keys keep their defaults."""
-    types_ = _field_types(cls)
-    unknown = [k for k in data if k not in types_]
-    if unknown:
-        raise _unknown_key(prefix + unknown[0], list(types_))
-    return cls(**{k: _convert(v, types_[k], prefix + k) for k, v in data.items()})
-
-
-def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply `a.b=value` strings; returns a new config (the input is not modified)."""
-    data = config.to_dict()
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value", "write overrides as section.field=value")
-        node, cls = data, TrainConfig
-        parts = key.split(".")
-        for depth, part in enumerate(parts):
-            types_ = _field_types(cls)
-            if part not in types_:
-                raise _unknown_key(key, list(types_))
-            typ = types_[part]
-            if depth == len(parts) - 1:
-                if dataclasses.is_dataclass(typ):
-                    raise ConfigError(f"{key} is a section, not a value", f"set one of its fields: {key}.FIELD=VALUE")
-                node[part] = _convert(value, typ, key)
-            else:
-                if not dataclasses.is_dataclass(typ):
-                    raise ConfigError(f"{'.'.join(parts[: depth + 1])} is a value, not a section", "check the key")
-                node, cls = node[part], typ
-    return from_dict(TrainConfig, data)
-
-
 def load_file(path: str | Path) -> TrainConfig:
-    """A JSON, YAML or TOML file holding a (partial, nested) TrainConfig."""
-    path = Path(path)
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            raise ConfigError(f"{path}: unknown config format {path.suffix!r}", "use a .json, .yaml/.yml or .toml file")
-    except (ValueError, ImportError) as exc:  # JSONDecodeError, TOMLDecodeError and YAMLError's parents
-        raise ConfigError(f"{path}: cannot parse ({exc})", "fix the file's syntax") from None
-    except Exception as exc:
-        if type(exc).__module__.startswith("yaml"):
-            raise ConfigError(f"{path}: cannot parse ({exc})", "fix the file's syntax") from None
-        raise
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of config keys", "write section: {field: value}")
-    base = data.pop("base", None)  # optional: start from a named preset
-    config = named_config(base) if base else TrainConfig()
-    merged = _deep_merge(config.to_dict(), data)
-    try:
-        return from_dict(TrainConfig, merged)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc.what}", exc.fix) from None
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    """A JSON, YAML or TOML file holding a (partial, nested) TrainConfig; its optional `base`
+    key names the preset that the keys it leaves out come from."""
+    data = read_config_file(path)
+    base = data.pop("base", None)
+    return from_dict(TrainConfig, data, where=str(path), base=named_config(base) if base else None)
 
 
 # --------------------------------------------------------------------------------------
@@ -393,12 +277,6 @@ def named_config(name: str) -> TrainConfig:
 
 def resolve_config(config: str, overrides: list[str] = ()) -> TrainConfig:
     """`--config FILE|NAME` plus overrides, validated (what `lopd train` runs)."""
-    path = Path(config)
-    if path.suffix in (".json", ".yaml", ".yml", ".toml"):
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found", "check the path")
-        base = load_file(path)
-    else:
-        base = named_config(config)
+    base = load_file(config) if Path(config).suffix in FILE_SUFFIXES else named_config(config)
     return apply_overrides(base, list(overrides)).validate()
 

@@ -24,7 +24,7 @@ import concurrent.futures
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -283,6 +283,7 @@ class MicroBatch:
             teacher_topk_ids=self.teacher_topk_ids,
             teacher_topk_logprobs=self.teacher_topk_logprobs,
             rollout_logprobs=self.rollout_logprobs,
+            teacher_top1_ids=self.teacher_top1_ids,
         )
 
 
@@ -581,3 +582,107 @@ class TrainData:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+# --------------------------------------------------------------------------------------
+# What the trainer iterates, and where it comes from.
+
+
+class DataStream(Protocol):
+    """One `StepBatch` per optimizer step with a resumable position: `TrainData` (store or SFT
+    artifact) and the demo's online OPD stream (`demo/online.py`) implement it."""
+
+    consumed: int  # sequences consumed so far (the data position, all DP ranks together)
+
+    def __len__(self) -> int: ...  # sequences per epoch
+    def next_step(self) -> StepBatch: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class DataProvider(Protocol):
+    """Where a run's data comes from. `open` runs on rank 0 in preflight (the source, the inputs'
+    `Lineage`, the provenance record); `reopen` on the other ranks; `stream` on every rank once
+    the model exists (it may read `trainer.start`, `.source`, `.dp_rank`, `.use_te`, ...)."""
+
+    def requires_lineage(self, config) -> bool: ...  # the SFT data's writer and the start must be known (Lineage.check)
+    def open(self, config, start) -> tuple[SequenceSource, Any, dict[str, Any]]: ...
+    def reopen(self, config) -> SequenceSource: ...
+    def stream(self, trainer) -> DataStream: ...
+
+
+class OfflineData:
+    """The data of Lightning OPD and SFT, from disk: the teacher store or the SFT artifact."""
+
+    def requires_lineage(self, config) -> bool:
+        """Distilling from a store: its teacher must have written the SFT data, its rollouts come from the start."""
+        from megatron_lopd.training.losses import loss_spec
+
+        return loss_spec(config.loss).distills
+
+    def reopen(self, config) -> SequenceSource:
+        from megatron_lopd.training.losses import loss_spec
+
+        spec = loss_spec(config.loss)
+        if not spec.distills:
+            return ArtifactSource.open(config.data.sft_data)
+        source = StoreSource.open(config.data.store, load_topk=spec.needs_topk or config.logging.top1_agreement)
+        if spec.needs_topk and not source.top_k:
+            raise ArtifactError(f"{config.data.store}: the store holds no teacher top-k, which loss {config.loss!r} needs",
+                                "rescore with `lopd score --top-k K`, or use loss=lightning_opd")
+        return source
+
+    def open(self, config, start):
+        from megatron_lopd.artifacts import RolloutArtifact
+        from megatron_lopd.provenance import Lineage
+        from megatron_lopd.store import check_store_files
+
+        source = self.reopen(config)
+        record: dict[str, Any] = {"start_from": str(start.path) if start.path else config.model.named, "start_fingerprint": start.fingerprint}
+        tokenizers = {"student": start.tokenizer_fingerprint}
+        if not self.requires_lineage(config):
+            art = source.artifact
+            record.update(sft_data=str(source.path), sft_data_fingerprint=art.fingerprint, sft_data_generator=art.generator_fingerprint)
+            return source, Lineage(tokenizers={**tokenizers, "sft_data": art.tokenizer_fingerprint}), record
+        check_store_files(source.path)  # a damaged shard fails here in a second, not hours into the run
+        prov = source.provenance
+        tokenizers["store"] = prov.tokenizer_fingerprint
+        sft_writer = config.teacher_consistency.sft_data_generator or None
+        if config.data.sft_data:
+            art = RolloutArtifact.open(config.data.sft_data)
+            sft_writer, tokenizers["sft_data"] = art.generator_fingerprint, art.tokenizer_fingerprint
+            record["sft_data_fingerprint"] = art.fingerprint
+        lineage = Lineage(teacher=prov.teacher_fingerprint, sft_data_writer=sft_writer,
+                          rollout_policy=prov.rollout_generator_fingerprint or None,
+                          start=start.fingerprint, start_where=start.where, start_random=start.kind == "named", tokenizers=tokenizers)
+        record.update(
+            store=str(source.path),
+            store_finalized_at=source.store.meta.finalized_at,  # which scoring of the rollouts (a rescore changes it)
+            teacher_fingerprint=prov.teacher_fingerprint,
+            store_tokenizer=prov.tokenizer_fingerprint,
+            rollouts_fingerprint=prov.rollouts_fingerprint,
+            rollout_policy=lineage.rollout_policy,
+            sft_data_generator=sft_writer,
+        )
+        return source, lineage, record
+
+    def stream(self, trainer) -> "TrainData":
+        from megatron_lopd.training.losses import loss_spec
+        from megatron_lopd.training.preflight import row_multiple
+
+        cfg, d, source, q = trainer.config, trainer.config.data, trainer.source, trainer.start.qwen3
+        spec = loss_spec(cfg.loss)
+        if trainer.use_te and d.pack and d.micro_batch_size != 1:
+            raise ConfigError("packed sequences on Transformer Engine need data.micro_batch_size=1", "set data.micro_batch_size=1 (raise seq_length instead)")
+        # Top-k losses read the teacher's top-k; otherwise only its top-1 id, for the agreement metric.
+        top_k = source.top_k if spec.needs_topk else 0
+        return TrainData(
+            source, global_batch=d.global_batch, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size, seed=d.seed,
+            dp_rank=trainer.dp_rank, dp_size=trainer.dp_size, shuffle=d.shuffle, pack=d.pack,
+            trim_padding=d.trim_padding and cfg.parallel.pipeline_parallel == 1,  # pipeline stages exchange fixed shapes
+            pad_to_multiple=row_multiple(cfg), with_teacher=spec.distills, top_k=top_k,
+            with_top1=not top_k and bool(source.top_k) and cfg.logging.top1_agreement,
+            with_rollout=spec.distills and source.has_rollout_logprobs, vocab_size=q.vocab_size,
+            pad_id=q.pad_token_id if isinstance(q.pad_token_id, int) else 0, prefetch=d.prefetch,
+        )

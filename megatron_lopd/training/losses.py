@@ -7,7 +7,8 @@ aligned with the logits: position t's logits predict `target_ids[:, t]`.
 Log-probs are at temperature 1 (raw logits), normalised over the full vocabulary
 (`vocab_parallel_log_probs`; no rank ever holds more than its own columns).
 
-Losses (per response token, then reduced; `LOSSES` maps the names to these):
+Losses (per response token, then reduced; `LOSSES` maps each name to its `LossSpec`: the
+token loss and what it reads):
 - `lightning_opd` (the paper's default, DESIGN section 1): A = stopgrad(lpT - lpS),
   token loss -A * lpS, so the gradient is that of 0.5 * (lpS - lpT)**2. The loss *value*
   is -A * lpS, not the squared error. `LossOptions.advantage_clip=c` clips A to [-c, c]:
@@ -43,8 +44,9 @@ float32; the trainer all-reduces them and divides by `tokens`:
   the non-negative low-variance estimate of KL(S || T), unbiased when tokens come from S
   (they come from R; S == R at step 0, the drift metrics say how far that holds);
   `teacher_nonfinite` = loss tokens whose teacher log-prob(s) are NaN or infinite.
-- with teacher top-k: `top1_agree_sum` (student argmax == the teacher's most likely
-  stored id), `topk_reverse_kl_sum`, `topk_forward_kl_sum` (the coarse-grained KLs above).
+- with teacher top-k (or only its top-1 ids, `teacher_top1_ids`): `top1_agree_sum` (student
+  argmax == the teacher's most likely stored id); with top-k also `topk_reverse_kl_sum`,
+  `topk_forward_kl_sum` (the coarse-grained KLs above).
 - with rollout_logprobs (R's log-prob at rollout time), w = exp(lpS - lpR):
   `drift_chi2_sum` = sum (w - 1)**2 (unbiased for chi2(S || R) since tokens are drawn from
   R) and `drift_kl_sum` = sum (w log w - w + 1), unbiased for KL(S || R) under samples from R
@@ -77,6 +79,15 @@ from megatron_lopd.training.vocab_parallel import VocabShard, vocab_parallel_log
 TAIL_MIN_PROB = 1e-8
 LOG_TAIL_MIN_PROB = math.log(TAIL_MIN_PROB)
 REDUCTIONS = ("sequence_mean", "token_mean")
+# The trainer's per-step metrics: name -> the metric sum (below) divided by `tokens`.
+TOKEN_MEANS = {
+    "kl_to_teacher": "kl_to_teacher_sum",
+    "reverse_kl": "reverse_kl_sum",
+    "top1_agreement": "top1_agree_sum",
+    "drift_chi2": "drift_chi2_sum",
+    "drift_kl": "drift_kl_sum",
+    "entropy": "entropy_sum",
+}
 
 
 @dataclass
@@ -91,6 +102,7 @@ class LossInputs:
     teacher_topk_ids: Tensor | None = None  # [B, T, k] long
     teacher_topk_logprobs: Tensor | None = None  # [B, T, k]
     rollout_logprobs: Tensor | None = None  # [B, T] R's log-prob of target_ids (drift monitor)
+    teacher_top1_ids: Tensor | None = None  # [B, T] the teacher's most likely id (agreement metric), without top-k
     num_loss_tokens: int | None = None  # loss tokens in the GLOBAL batch (token_mean only)
     seq_num_tokens: Tensor | None = None  # [B, T] len(seq) over the whole batch, if sequences are split
 
@@ -147,18 +159,42 @@ def sft(v: TokenView, options: LossOptions) -> Tensor:
     return -v.student
 
 
-LOSSES: dict[str, Callable[[TokenView, LossOptions], Tensor]] = {
-    "lightning_opd": lightning_opd,
-    "topk_reverse_kl": topk_reverse_kl,
-    "topk_forward_kl": topk_forward_kl,
-    "sft": sft,
+@dataclass(frozen=True)
+class LossSpec:
+    """What a loss needs, so that no code outside this module tests loss names."""
+
+    name: str
+    token_loss: Callable[[TokenView, LossOptions], Tensor]
+    data: str  # the config field it reads: "sft_data" (an SFT artifact) or "store" (a teacher store)
+    teacher_fields: tuple[str, ...] = ()  # LossInputs fields it reads (beyond the targets)
+    clippable: bool = False  # takes LossOptions.advantage_clip
+
+    @property
+    def distills(self) -> bool:
+        """Trains towards a teacher (reads teacher log-probs), rather than imitating data."""
+        return self.data == "store"
+
+    @property
+    def needs_topk(self) -> bool:
+        return "teacher_topk_ids" in self.teacher_fields
+
+
+_TOPK = ("teacher_topk_ids", "teacher_topk_logprobs")
+LOSSES: dict[str, LossSpec] = {
+    spec.name: spec
+    for spec in (
+        LossSpec("lightning_opd", lightning_opd, "store", ("teacher_logprobs",), clippable=True),
+        LossSpec("topk_reverse_kl", topk_reverse_kl, "store", _TOPK),
+        LossSpec("topk_forward_kl", topk_forward_kl, "store", _TOPK),
+        LossSpec("sft", sft, "sft_data"),
+    )
 }
-_NEEDS = {
-    "lightning_opd": ("teacher_logprobs",),
-    "topk_reverse_kl": ("teacher_topk_ids", "teacher_topk_logprobs"),
-    "topk_forward_kl": ("teacher_topk_ids", "teacher_topk_logprobs"),
-    "sft": (),
-}
+
+
+def loss_spec(name: str) -> LossSpec:
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r}", f"use one of {', '.join(LOSSES)}")
+    return LOSSES[name]
 
 
 def compute_loss(
@@ -174,21 +210,20 @@ def compute_loss(
     `tp_group`: the tensor-parallel group whose ranks hold the vocabulary shards of
     `logits` (`parallel_state.get_tensor_model_parallel_group()`); None = no TP.
     """
-    if name not in LOSSES:
-        raise ConfigError(f"unknown loss {name!r}", f"use one of {', '.join(LOSSES)}")
-    missing = [field for field in _NEEDS[name] if getattr(inputs, field) is None]
+    spec = loss_spec(name)
+    missing = [field for field in spec.teacher_fields if getattr(inputs, field) is None]
     if missing:
         raise ConfigError(
             f"loss {name!r} needs {', '.join(missing)}, which this batch lacks",
             "score the rollouts with the teacher (top-k > 0 for top-k losses) or choose another loss",
         )
-    if options.advantage_clip is not None and name != "lightning_opd":
+    if options.advantage_clip is not None and not spec.clippable:
         raise ConfigError(f"advantage_clip applies to lightning_opd only, not {name!r}", "unset advantage_clip")
     _check_batch(logits, inputs, tp_group, options)
     view = token_view(logits, inputs, tp_group=tp_group, vocab_size=options.vocab_size)
     lengths, num_present = _sequence_lengths(inputs.seq_ids, view.mask)
     weights = _token_weights(inputs, view.mask, lengths, options)
-    token_loss = LOSSES[name](view, options)
+    token_loss = spec.token_loss(view, options)
     loss = (weights * torch.where(view.mask, token_loss, 0)).sum()
     metrics = token_metrics(view, inputs)
     metrics["sequences"] = num_present.float()
@@ -206,7 +241,8 @@ def token_view(logits: Tensor, inputs: LossInputs, *, tp_group=None, vocab_size:
     else:
         topk_ids = topk_ids.masked_fill(~mask.unsqueeze(-1), 0)
         out = vocab_parallel_log_probs(logits, torch.cat([target.unsqueeze(-1), topk_ids], -1), shard, topk_ids)
-    student_coarse = teacher_coarse = teacher_top1 = None
+    student_coarse = teacher_coarse = None
+    teacher_top1 = None if inputs.teacher_top1_ids is None else inputs.teacher_top1_ids.masked_fill(~mask, 0)
     if topk_ids is not None:
         student_tail = out.rest.clamp_min(LOG_TAIL_MIN_PROB)
         student_coarse = torch.cat([out.ids[..., 1:], student_tail.unsqueeze(-1)], -1)
@@ -238,9 +274,10 @@ def token_metrics(v: TokenView, inputs: LossInputs) -> dict[str, Tensor]:
         d = lp_s - v.teacher
         out["kl_to_teacher_sum"] = total(d)
         out["reverse_kl_sum"] = total(torch.expm1(-d) + d)  # (r - 1) - log r, r = exp(-d)
+    if v.teacher_top1 is not None:
+        out["top1_agree_sum"] = total((v.argmax == v.teacher_top1).float())
     if v.teacher_coarse is not None:
         lp_sc, lp_tc = v.student_coarse.detach(), v.teacher_coarse
-        out["top1_agree_sum"] = total((v.argmax == v.teacher_top1).float())
         out["topk_reverse_kl_sum"] = total(coarse_kl(lp_sc, lp_tc))
         out["topk_forward_kl_sum"] = total(coarse_kl(lp_tc, lp_sc))
     teacher_values = [t for t in (inputs.teacher_logprobs, inputs.teacher_topk_logprobs) if t is not None]
@@ -284,7 +321,7 @@ def _check_batch(logits: Tensor, inputs: LossInputs, tp_group, options: LossOpti
     if logits.dim() != 3:
         raise ConfigError(f"logits have shape {tuple(logits.shape)}", "pass [batch, seq, vocab/tp] logits (GPTModel with labels=None)")
     bt = tuple(logits.shape[:2])
-    for field in ("target_ids", "loss_mask", "seq_ids", "teacher_logprobs", "rollout_logprobs", "seq_num_tokens"):
+    for field in ("target_ids", "loss_mask", "seq_ids", "teacher_logprobs", "rollout_logprobs", "teacher_top1_ids", "seq_num_tokens"):
         value = getattr(inputs, field)
         if value is not None and tuple(value.shape) != bt:
             raise ConfigError(f"{field} has shape {tuple(value.shape)}, logits {tuple(logits.shape)}", f"give {field} as [batch, seq] = {bt}")

@@ -1,8 +1,8 @@
 """Per-step metrics: metrics.jsonl (always), console, TensorBoard, W&B (when configured).
 
 `metrics.jsonl` in the run directory holds one JSON object per optimizer step (skipped
-steps included, flagged); the keys are listed in `METRIC_KEYS` and documented in the
-README. A value that does not apply to the run (e.g. `kl_to_teacher` for SFT, `mfu` on
+steps included, flagged); the keys are listed in `METRIC_KEYS` and documented in
+docs/training.md. A value that does not apply to the run (e.g. `kl_to_teacher` for SFT, `mfu` on
 CPU) is null. On resume the file is cut back to the checkpoint's step, so it keeps
 exactly one line per step.
 """
@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from megatron_lopd.errors import ConfigError
+from megatron_lopd.runtime.files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
-# key -> meaning (the README's table is generated from this).
+# key -> meaning (docs/training.md's metrics table is generated from this).
 METRIC_KEYS: dict[str, str] = {
     "step": "optimizer step, 1-based",
     "loss": "the training loss: per-sequence mean over response tokens, then mean over the global batch",
@@ -98,9 +99,7 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
             continue
     if keep == lines:
         return  # nothing after the checkpoint: the file is left as it is
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def _fmt(value: Any) -> str:

@@ -72,7 +72,7 @@ def test_online_opd_samples_from_the_live_student_and_resumes(tmp_path):
 
 
 def test_online_refuses_sft_and_other_tokenizers(tmp_path):
-    from megatron_lopd.demo.online import OnlineConfig, OnlineTrainer, train_online
+    from megatron_lopd.demo.online import OnlineConfig, train_online
     from megatron_lopd.errors import ConfigError, ConsistencyError
     from megatron_lopd.models.tiny import write_random_hf_model
     from megatron_lopd.training.config import resolve_config
@@ -80,7 +80,7 @@ def test_online_refuses_sft_and_other_tokenizers(tmp_path):
     student, _teacher, prompts = _setup(tmp_path)
     cfg = resolve_config("tiny_cpu", [f"model.start_from={student}", f"data.sft_data={prompts}", "loss=sft", f"run_dir={tmp_path / 'r'}"])
     with pytest.raises(ConfigError, match="distillation loss"):
-        OnlineTrainer(cfg, OnlineConfig(teacher=str(student), prompts=str(prompts)))
+        train_online(cfg, OnlineConfig(teacher=str(student), prompts=str(prompts)))
     other = write_random_hf_model(tmp_path / "other_tok", seed=4)  # the default character tokenizer: other ids
     cfg = resolve_config("tiny_cpu", [f"model.start_from={student}", f"data.store=online:{other}", f"run_dir={tmp_path / 'r2'}"])
     with pytest.raises(ConsistencyError, match="tokenizer mismatch"):

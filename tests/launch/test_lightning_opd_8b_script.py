@@ -45,9 +45,11 @@ def test_missing_or_wrong_inputs_fail_before_submitting(tmp_path):
     proc = _bash(env=no_lopd)
     assert proc.returncode == 2 and "`lopd` not on PATH" in proc.stderr
     # the library check runs last: a start checkpoint that is no model, named in one line
-    proc = _bash("--check", env=_clean_env(**base))
+    # (the run dir apart from the inputs: one inside an input is refused first)
+    (tmp_path / "start").mkdir()
+    proc = _bash("--check", env=_clean_env(**{**base, "LOPD_START_FROM": str(tmp_path / "start"), "LOPD_RUN_DIR": str(tmp_path.parent / f"{tmp_path.name}-run")}))
     assert proc.returncode == 2
-    assert f"{tmp_path}: neither a Hugging Face model (config.json) nor a Megatron checkpoint" in proc.stderr
+    assert f"{tmp_path / 'start'}: neither a Hugging Face model (config.json) nor a Megatron checkpoint" in proc.stderr, proc.stderr
     assert "nothing was submitted" in proc.stderr
 
 

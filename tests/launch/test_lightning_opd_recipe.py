@@ -10,7 +10,7 @@ import pytest
 from megatron_lopd.pipeline import STAGE_NAMES, PipelineConfig, status
 from recipes.lightning_opd import pipeline_config, qwen3_4b, qwen3_8b, qwen3_30b_a3b, tiny
 from tests.launch.conftest import REPO, SLURM_EXECUTOR, VENV_BIN, launch_env, recipe_cmd, run_recipe
-from tests.launch.test_pipeline import sft_data_done  # noqa: F401  (fixture: real SFT data of the tiny teacher)
+from tests.pipeline.conftest import sft_data_done  # noqa: F401  (fixture: real SFT data of the tiny teacher)
 
 
 def test_factories_carry_the_paper_settings():

@@ -1,0 +1,172 @@
+"""The pipeline's config: one teacher path, the per-stage settings and environments, and the
+file / `key=value` loading. Artifact paths derive from `work_dir` (`stages.ArtifactPaths`)."""
+
+# Config dataclasses use real (not string) annotations and spell optional fields `Optional[X]`:
+# nemo-run's CLI parser (`trainer.lr=1e-6`) understands neither string annotations nor `X | None`.
+# So no `from __future__ import annotations` here.
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from megatron_lopd import config as typed_config
+from megatron_lopd.errors import ConfigError
+
+CONFIG_NAME = "pipeline.json"  # the config a run was started with, recorded in its work dir
+
+@dataclass
+class StageEnv:
+    """Where a stage's commands run. On GPU nodes vLLM and Megatron + Transformer Engine pin
+    different torch builds, so generation/scoring and training usually get different ones.
+
+    `venv`: a virtual environment (its `bin/` goes first on PATH, its `lopd` runs the stage).
+    `python`: an interpreter whose environment has megatron-lopd installed.
+    `container_image`: SLURM only (pyxis `srun --container-image`); inside it `lopd` comes from PATH.
+    `env`: extra environment variables for the stage's processes.
+    """
+
+    venv: Optional[str] = None
+    python: Optional[str] = None
+    container_image: Optional[str] = None
+    container_mounts: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StageEnvs:
+    """Per-stage environments. A stage's entry replaces `default`'s interpreter (venv / python /
+    container) when it sets one; `env` variables are merged (the stage's win)."""
+
+    default: StageEnv = field(default_factory=StageEnv)
+    sft_data: StageEnv = field(default_factory=StageEnv)
+    sft: StageEnv = field(default_factory=StageEnv)
+    rollouts: StageEnv = field(default_factory=StageEnv)
+    score: StageEnv = field(default_factory=StageEnv)
+    train: StageEnv = field(default_factory=StageEnv)
+    export: StageEnv = field(default_factory=StageEnv)
+    eval: StageEnv = field(default_factory=StageEnv)
+
+    def resolve(self, stage: str) -> StageEnv:
+        own, default = getattr(self, stage), self.default
+        base = own if (own.venv or own.python or own.container_image) else default
+        return StageEnv(
+            venv=base.venv,
+            python=base.python,
+            container_image=base.container_image,
+            container_mounts=list(base.container_mounts),
+            env={**default.env, **own.env},
+        )
+
+
+@dataclass
+class GenerateSettings:
+    """`lopd generate` knobs (the paper: temperature 0.7, top-p 0.9)."""
+
+    n: int = 1
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 16384
+    seed: int = 0
+    backend: str = "vllm"
+    dtype: str = "bfloat16"
+    thinking: Optional[str] = None  # "on" | "off" | None (the chat template's default)
+    shards: int = 1  # > 1: N `--shard i/N` processes (SLURM: one job, N tasks)
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScoreSettings:
+    """`lopd score` knobs."""
+
+    top_k: int = 16
+    backend: str = "vllm"
+    dtype: str = "bfloat16"
+    shards: int = 1  # > 1: N `--shard i/N` workers, then one `--finalize`
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainSettings:
+    """`lopd train --config CONFIG key=value ...`. The typed knobs below are the ones a launcher
+    usually changes; anything else goes into `overrides` (trainer config keys)."""
+
+    config: str = "lightning_opd"  # a named trainer preset or a config file
+    lr: Optional[float] = None
+    steps: Optional[int] = None
+    global_batch_size: Optional[int] = None
+    micro_batch_size: Optional[int] = None
+    tensor_parallel: Optional[int] = None
+    expert_parallel: Optional[int] = None
+    sequence_parallel: Optional[bool] = None
+    save_interval: Optional[int] = None
+    nproc_per_node: int = 1  # > 1: torchrun
+    nnodes: int = 1
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSettings:
+    """`lopd eval` knobs (the paper: avg@64 at up to 32K tokens)."""
+
+    samples_per_problem: int = 1
+    max_tokens: int = 32768
+    temperature: float = 0.6
+    top_p: float = 0.95
+    backend: str = "vllm"
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineConfig:
+    """Everything the consistent-teacher pipeline needs. Artifact paths derive from `work_dir`."""
+
+    work_dir: str = "runs/pipeline"
+    teacher: str = ""  # HF dir of the teacher: writes the SFT data AND scores the rollouts
+    base_student: str = ""  # HF dir of the base student B
+    sft_prompts: str = ""
+    opd_prompts: str = ""
+    eval_data: Optional[str] = None  # None: no eval stage
+    sft_data: GenerateSettings = field(default_factory=GenerateSettings)
+    sft: TrainSettings = field(default_factory=lambda: TrainSettings(config="sft"))
+    rollouts: GenerateSettings = field(default_factory=lambda: GenerateSettings(max_tokens=4096))
+    score: ScoreSettings = field(default_factory=ScoreSettings)
+    trainer: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    envs: StageEnvs = field(default_factory=StageEnvs)
+
+    def validate(self) -> None:
+        required = {"teacher": self.teacher, "base_student": self.base_student, "sft_prompts": self.sft_prompts, "opd_prompts": self.opd_prompts, "work_dir": self.work_dir}
+        for name, value in required.items():
+            if not value:
+                raise ConfigError(f"pipeline config: {name} is not set", f"set {name}=PATH")
+        for name in (f.name for f in dataclasses.fields(self.envs)):  # "default" and every stage
+            env = getattr(self.envs, name)
+            if env.venv and env.python:
+                raise ConfigError(f"pipeline config: envs.{name} sets both venv and python", "set one of them")
+
+    def absolute(self) -> "PipelineConfig":
+        """A copy with absolute paths: jobs on other nodes start in other directories."""
+        fields = ("work_dir", "teacher", "base_student", "sft_prompts", "opd_prompts", "eval_data")
+        return dataclasses.replace(self, **{f: str(Path(getattr(self, f)).absolute()) for f in fields if getattr(self, f)})
+
+    # ---------------------------------------------------------------- files
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "pipeline config") -> "PipelineConfig":
+        return typed_config.from_dict(cls, data, where=where)
+
+    def save(self, path: str | Path) -> Path:
+        from megatron_lopd.runtime.files import atomic_write
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> "PipelineConfig":
+        """Read a JSON / TOML / YAML file, then apply `key=value` overrides (`trainer.lr=1e-6`)."""
+        return typed_config.apply_overrides(cls.from_dict(typed_config.load_file(path), where=str(path)), overrides)
