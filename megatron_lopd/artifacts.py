@@ -242,9 +242,6 @@ class ArtifactWriter:
                                 f"{os_error_fix(exc)} (the --out directory)") from None
         return final
 
-    def is_complete(self) -> bool:
-        return len(self.done_chunks()) == len(self.ranges)
-
     def finalize(self) -> "RolloutArtifact":
         """Write the manifest once every chunk exists (any process may call it; the result is the same)."""
         missing = sorted(set(range(len(self.ranges))) - self.done_chunks())

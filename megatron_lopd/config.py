@@ -48,7 +48,7 @@ def _unknown_key(key: str, known: Iterable[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}", did_you_mean(key.rsplit(".", 1)[-1], known))
 
 
-def _without_none(hint: Any) -> tuple[Any, bool]:
+def without_none(hint: Any) -> tuple[Any, bool]:
     """(X, True) for Optional[X] and X | None; (hint, False) otherwise."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -93,7 +93,7 @@ def _scalar(value: Any, typ: type, key: str) -> Any:
 def _convert(value: Any, hint: Any, key: str, default: Any = None) -> Any:
     """`value` (a file's value or an override's text) as the type `hint`; `default` is the field's
     current value, the base of a nested section."""
-    hint, optional = _without_none(hint)
+    hint, optional = without_none(hint)
     if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
         return None
     if hint is Any:
@@ -169,7 +169,7 @@ def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
         for depth, part in enumerate(parts):
             if part not in hints:
                 raise _unknown_key(key, hints)
-            hint, last = _without_none(hints[part])[0], depth == len(parts) - 1
+            hint, last = without_none(hints[part])[0], depth == len(parts) - 1
             if dataclasses.is_dataclass(hint) and not last:
                 node, hints = node[part], typing.get_type_hints(hint)
             elif dataclasses.is_dataclass(hint):

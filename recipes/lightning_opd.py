@@ -30,13 +30,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import types
 import typing
 from pathlib import Path
 from typing import Any, Optional
 
 import nemo_run as run
 
+from megatron_lopd.config import without_none
 from megatron_lopd.errors import ConfigError, LopdError
 from megatron_lopd.pipeline import (
     CONFIG_NAME,
@@ -431,14 +431,6 @@ def _all_keys(types: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def _optional_inner(hint: Any) -> tuple[Any, bool]:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return hint, False
-
-
 def check_arguments(argv: list[str]) -> None:
     """The recipe's own arguments, each refused in one line before nemo-run parses them (its
     parser prints pages and exits 0): an unknown factory lists the factories, an unknown key
@@ -476,7 +468,7 @@ def check_arguments(argv: list[str]) -> None:
                 raise ConfigError(f"unknown key {key!r} in {arg!r}{_did_you_mean(key, keys)}",
                                   "see --help; every pipeline config field is a key, e.g. trainer.lr=1e-6, sft_data.temperature=0.7")
             hint = scope[part]
-            inner, _ = _optional_inner(hint)
+            inner, _ = without_none(hint)
             if dataclasses.is_dataclass(inner):
                 scope = typing.get_type_hints(inner)
             elif depth < len(parts) - 1:
@@ -484,7 +476,7 @@ def check_arguments(argv: list[str]) -> None:
                     hint = None  # a key inside a dict field (envs.train.env.X, trainer.overrides.x): free-form
                     break
                 raise ConfigError(f"unknown key {key!r} in {arg!r}: {'.'.join(parts[:depth + 1])} has no fields", "see --help for the keys")
-        inner, optional = _optional_inner(hint)
+        inner, optional = without_none(hint)
         if op != "=" or inner not in _SCALAR_NAMES:
             continue
         if optional and value.strip().lower() in ("none", "null"):

@@ -156,7 +156,24 @@ def _expect(cond: bool, label: str, what: str) -> None:
                             "this store was not written by megatron_lopd.store (or by another schema); rescore it")
 
 
-class ShardedArray:
+class ForkSafe:
+    """Pickles (to spawned workers) without its lock and process-local handles: `_local_state`
+    gives their fresh values; unpickling makes a new lock."""
+
+    def _local_state(self) -> dict:
+        return {}
+
+    def __getstate__(self):
+        state = {**self.__dict__, **self._local_state()}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class ShardedArray(ForkSafe):
     """Checked random access to one single-shard zarr v3 array written by `write_token_array`.
 
     ``label`` names the array and store shard in every error, e.g. "array 'topk_ids' of shard 3".
@@ -197,16 +214,8 @@ class ShardedArray:
         self._index: np.ndarray | None = None
         self._lock = threading.Lock()
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fd"] = None
-        state["_index"] = None
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+    def _local_state(self) -> dict:
+        return {"_fd": None, "_index": None}
 
     def close(self) -> None:
         if self._fd is not None:

@@ -37,7 +37,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from megatron_lopd.errors import ArtifactError, ConfigError, ConsistencyError
-from megatron_lopd.store.format import ChunkCache, ShardedArray, read_small_array
+from megatron_lopd.store.format import ChunkCache, ForkSafe, ShardedArray, read_small_array
 from megatron_lopd.store.layout import (PER_SEQUENCE, ShardMarker, done_shards, marker_path, read_meta, shard_dir,
                                         size_mismatch, store_nbytes, token_array_names)
 from megatron_lopd.store.schema import (SEQUENCES_DIR, TOPK_VOCABULARY, SequenceRecord, StoreMeta, StoreProvenance,
@@ -55,7 +55,7 @@ def check_provenance(provenance: StoreProvenance, require: dict[str, Any] | None
             )
 
 
-class TeacherStore:
+class TeacherStore(ForkSafe):
     """A complete, checked teacher store opened for reading. Build with `TeacherStore.open`."""
 
     def __init__(self, path: Path, meta: StoreMeta, per_seq: dict[str, np.ndarray], *, verify_checksums: bool,
@@ -118,18 +118,8 @@ class TeacherStore:
         return cls(path, meta, per_seq, verify_checksums=verify_checksums, load_topk=load_topk,
                    cache_bytes=cache_bytes, num_threads=num_threads)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_arrays"] = {}
-        state["_vocabularies"] = {}
-        state["_cache"] = ChunkCache(self.cache_bytes)
-        state["_pool"] = None
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+    def _local_state(self) -> dict:
+        return {"_arrays": {}, "_vocabularies": {}, "_cache": ChunkCache(self.cache_bytes), "_pool": None}
 
     def close(self) -> None:
         for arrays in self._arrays.values():

@@ -500,9 +500,6 @@ class TrainData:
     def epoch(self) -> int:
         return self.consumed // len(self._lengths)
 
-    def steps_per_epoch(self) -> float:
-        return len(self._lengths) / self.global_batch
-
     # --- state for exact resume
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed, "global_batch": self.global_batch, "num_sequences": len(self)}

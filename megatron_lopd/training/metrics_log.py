@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megatron_lopd.errors import ConfigError
 from megatron_lopd.runtime.files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -146,11 +145,6 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.log_every = log_every
         self._tb = self._wandb = self._bar = self._file = None
-        if wandb_project:
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
-                raise ConfigError("logging.wandb_project is set but wandb is not installed", "pip install wandb, or unset logging.wandb_project") from None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -200,8 +200,6 @@ def check_environment(config: TrainConfig) -> None:
             import wandb  # noqa: F401  (the import is the check)
         except ImportError:
             raise ConfigError("logging.wandb_project is set but wandb is not installed", "pip install wandb, or unset logging.wandb_project") from None
-    if config.parallel.context_parallel != 1:
-        raise ConfigError("context parallel is not supported by the trainer", "set parallel.context_parallel=1")
 
 
 def precision(config: TrainConfig) -> str:
