@@ -82,6 +82,13 @@ def findings(summary: dict[str, Any]) -> list[str]:
     def vs(a: str, b: str) -> Diff:
         return paired_diff(correct[a], correct[b])
 
+    def against_lightning(prefix: str):
+        """(run, its variant, the Lightning run with the same loss, Lightning minus run, the loss label) per `prefix` run."""
+        for name, v in variants.items():
+            ref = next((n for n, w in variants.items() if w["loss"] == v["loss"] and n.startswith("lightning")), None)
+            if name.startswith(prefix) and ref is not None:
+                yield name, v, ref, vs(ref, name), v["label"].split("(")[-1].rstrip(")")
+
     # 1. Lightning OPD against R, per loss.
     for name in ("lightning", "lightning_topk"):
         if name not in variants:
@@ -94,15 +101,9 @@ def findings(summary: dict[str, Any]) -> list[str]:
         )
 
     # 2. Teacher consistency: the same loss on the same rollouts, scored by A vs by B.
-    for name, v in variants.items():
-        if not name.startswith("offline_teacher_b"):
-            continue
-        ref = next((n for n, w in variants.items() if w["loss"] == v["loss"] and n.startswith("lightning")), None)
-        if ref is None:
-            continue
-        d = vs(ref, name)
+    for name, _v, ref, d, loss in against_lightning("offline_teacher_b"):
         out.append(
-            f"**Teacher consistency ({variants[name]['label'].split('(')[-1].rstrip(')')}):** the same rollouts scored by teacher A "
+            f"**Teacher consistency ({loss}):** the same rollouts scored by teacher A "
             f"(which wrote the SFT data) gave {_pct(acc[ref]['pass1'])}%, scored by teacher B {_pct(acc[name]['pass1'])}%; "
             f"A minus B {d.text()}. "
             + _verdict(d, "The consistent teacher was better.", "The inconsistent teacher was better.",
@@ -113,19 +114,13 @@ def findings(summary: dict[str, Any]) -> list[str]:
     # 3. Offline (Lightning) vs online, same loss: accuracy and cost.
     tokens = summary["teacher_forward_tokens"]
     wall = summary["wall_clock_s"]["stages"]
-    for name, v in variants.items():
-        if not name.startswith("online"):
-            continue
-        ref = next((n for n, w in variants.items() if w["loss"] == v["loss"] and n.startswith("lightning")), None)
-        if ref is None:
-            continue
-        d = vs(ref, name)
+    for name, v, ref, d, loss in against_lightning("online"):
         offline_tokens, online_tokens = tokens["offline_scoring_teacher_a"], v["teacher_forward_tokens"]
         runs_on_store = sum(w["data"] == variants[ref]["data"] for w in variants.values())
         offline_s = wall.get("rollouts", 0.0) + wall.get("score", 0.0) + variants[ref]["train_seconds"]
         online_s = v["train_seconds"]
         out.append(
-            f"**Offline vs online ({variants[name]['label'].split('(')[-1].rstrip(')')}):** Lightning OPD {_pct(acc[ref]['pass1'])}%, "
+            f"**Offline vs online ({loss}):** Lightning OPD {_pct(acc[ref]['pass1'])}%, "
             f"standard online OPD {_pct(acc[name]['pass1'])}%; Lightning minus online {d.text()}: "
             + _verdict(d, "Lightning OPD was better.", "online OPD was better.", "no difference beyond 2 SE.")
             + f" Teacher forward tokens: {_tokens(offline_tokens)} to score the rollouts once, shared by the {runs_on_store} offline "
@@ -190,14 +185,18 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path:
 # Markdown
 
 
+def _rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """(accuracy key, label) of every stage and variant, in report order."""
+    return list(STAGE_ROWS) + [(n, v["label"]) for n, v in summary["variants"].items()]
+
+
 def _accuracy_table(summary: dict[str, Any]) -> list[str]:
     acc, correct, variants = summary["accuracy"], summary["paired_correct"], summary["variants"]
     lines = [
         "| model | greedy pass@1 % (SE) | sampled pass@1 % | KL to teacher A | vs R, points (paired SE) |",
         "|---|---|---|---|---|",
     ]
-    rows = list(STAGE_ROWS) + [(n, v["label"]) for n, v in variants.items()]
-    for key, label in rows:
+    for key, label in _rows(summary):
         a = acc[key]
         delta = paired_diff(correct[key], correct["sft_R"]).text() if key in variants else ""
         kl = "n/a (writes style B)" if key == "teacher_b" else _kl(a["kl_to_teacher_a"])
@@ -293,15 +292,13 @@ def write_report(out: Path, summary: dict[str, Any]) -> Path:
 
 def console_summary(summary: dict[str, Any], out: Path) -> str:
     """One screen: accuracy per stage and variant, the findings, the time, where the report is."""
-    acc, variants = summary["accuracy"], summary["variants"]
-    width = max(len(label) for _, label in STAGE_ROWS + tuple((n, v["label"]) for n, v in variants.items()))
+    acc, rows = summary["accuracy"], _rows(summary)
+    width = max(len(label) for _, label in rows)
     lines = ["", f"Lightning OPD demo, seed {summary['seed']}: greedy pass@1 on {summary['sizes']['eval_problems']} held-out problems", ""]
-    for key, label in list(STAGE_ROWS) + [(n, v["label"]) for n, v in variants.items()]:
+    for key, label in rows:
         a = acc[key]
         lines.append(f"  {label:<{width}}  {_pct(a['pass1']):>5}%  (sampled {_pct(a['sampled_pass1']):>5}%, KL to A {_kl(a['kl_to_teacher_a'])})")
-    lines.append("")
-    for f in findings(summary):
-        lines.append("  - " + f.replace("**", ""))
+    lines += [""] + ["  - " + f.replace("**", "") for f in findings(summary)]
     wall = summary["wall_clock_s"]
     lines += ["", f"  total {wall['total']:.0f} s over all stages ({wall['this_invocation']:.0f} s this run); report: {Path(out) / REPORT_NAME}", ""]
     return "\n".join(lines)

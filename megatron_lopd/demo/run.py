@@ -293,9 +293,8 @@ class Measurer:
         )
         self.problems = load_problems(demo.paths.eval_set)
         self.kl_problems = self.problems[: s.kl_prompts]
-        tokenizer = load_tokenizer(demo.paths.tokenizer)
-        self.tokenizer = tokenizer
-        self.kl_prompt_ids = load_prompt_set(demo.paths.prompts("kl"), tokenizer).token_ids
+        self.tokenizer = load_tokenizer(demo.paths.tokenizer)
+        self.kl_prompt_ids = load_prompt_set(demo.paths.prompts("kl"), self.tokenizer).token_ids
         self.grader = make_grader("regex", answer_pattern=task.ANSWER_PATTERN)
         self._teacher_a = None
 
@@ -470,7 +469,7 @@ class Demo:
 
         s, p = self.sizes, self.paths
         tokenizer = task.build_tokenizer(p.tokenizer)
-        splits = task.make_splits({"eval": s.eval_problems, "teacher": s.teacher_problems, "sft": s.sft_prompts, "opd": s.opd_prompts})
+        splits = task.make_splits(self._split_sizes())
         task.write_eval_set(p.eval_set, splits["eval"])
         task.write_prompts(p.prompts("kl"), splits["eval"][: s.kl_prompts])
         for split in ("teacher", "sft", "opd"):
@@ -522,7 +521,7 @@ class Demo:
         result = run_stage(stage, log_dir=self.paths.logs, echo=lambda _line: None, execute=execute)
         return {"seconds_stage": time.perf_counter() - t0, "detail": result.detail, "outputs": {k: str(v) for k, v in stage.outputs.items()}}
 
-    def curve(self, name: str, run_dir: Path, final_model: Path, final_measure: dict[str, Any]) -> list[dict[str, Any]]:
+    def curve(self, name: str, run_dir: Path, final_measure: dict[str, Any]) -> list[dict[str, Any]]:
         """Accuracy and KL to teacher A at step 0 (R), each saved checkpoint, and the end."""
         from megatron_lopd.models.checkpoint import convert_to_hf
         from megatron_lopd.training.checkpointing import read_metadata
@@ -555,11 +554,10 @@ class Demo:
     def finish_variant(self, name: str, run_dir: Path, final_model: Path, train_seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         measure = self.measure(name, final_model)
-        curve = self.curve(name, run_dir, final_model, measure)
         return {
             "train_seconds": train_seconds,
             "measure": measure,
-            "curve": curve,
+            "curve": self.curve(name, run_dir, measure),
             "curve_seconds": time.perf_counter() - t0 - measure["eval_seconds"],
             "metrics": self.training_log(run_dir),
             **extra,
@@ -705,9 +703,7 @@ class Demo:
         for loss in self.sizes.comparison_losses:
             name = comparison_name("online", loss)
             out.append((name, f"standard online OPD, teacher A live ({LOSS_LABELS[loss]})", lambda n=name, l=loss: self.stage_online(n, l), [p.variant(name)]))
-        out += [
-            ("continued_sft", "continued SFT from R (reference)", self.stage_continued_sft, [p.variant("continued_sft")]),
-        ]
+        out.append(("continued_sft", "continued SFT from R (reference)", self.stage_continued_sft, [p.variant("continued_sft")]))
         return out
 
     def run(self) -> dict[str, Any]:

@@ -295,11 +295,16 @@ class EvalSummary:
         )
 
 
-def summarize(records: Sequence[dict[str, Any]], *, samples_per_problem: int, **meta) -> EvalSummary:
-    """Summary statistics from per-sample records (the same function for runs, shards and merges)."""
+def _by_problem(records: Iterable[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     by_problem: dict[int, list[dict[str, Any]]] = {}
     for r in records:
         by_problem.setdefault(r["problem_index"], []).append(r)
+    return by_problem
+
+
+def summarize(records: Sequence[dict[str, Any]], *, samples_per_problem: int, **meta) -> EvalSummary:
+    """Summary statistics from per-sample records (the same function for runs, shards and merges)."""
+    by_problem = _by_problem(records)
     k = samples_per_problem
     for index, rs in by_problem.items():
         if sorted(r["sample"] for r in rs) != list(range(k)):
@@ -432,10 +437,7 @@ class _Progress:
             self.next_batch = max(self.next_batch, int(path.stem.split("-")[1]) + 1)
             try:
                 records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-                by_problem: dict[int, list[dict]] = {}
-                for r in records:
-                    by_problem.setdefault(r["problem_index"], []).append(r)
-                for index, rs in by_problem.items():
+                for index, rs in _by_problem(records).items():
                     if index not in wanted or rs[0]["id"] != problems[index].id or [r["sample"] for r in rs] != list(range(k)):
                         raise ValueError(f"problem {index} does not belong here or is incomplete")
                     done[index] = rs
@@ -522,7 +524,7 @@ def evaluate(
     what = "eval output" if shard.count == 1 else f"eval shard {shard} output"
     with OutputLock(work / LOCK_NAME, what):
         summary = _evaluate(model_dir, problems, indices, config, grader, backend, shard, progress, work, overwrite)
-    if shard.count > 1 and _all_shards_done(out, shard.count):
+    if shard.count > 1 and not _missing_shards(out, shard.count):
         return _merge_unless_merging(out, summary)
     return summary
 
@@ -696,8 +698,8 @@ def _shard_dirs(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.glob("shard-*-of-*") if p.is_dir())
 
 
-def _all_shards_done(out_dir: Path, count: int) -> bool:
-    return all((out_dir / Shard(i, count).dirname / SUMMARY_FILE).is_file() for i in range(count))
+def _missing_shards(out_dir: Path, count: int) -> list[str]:
+    return [Shard(i, count).dirname for i in range(count) if not (out_dir / Shard(i, count).dirname / SUMMARY_FILE).is_file()]
 
 
 def _merge_unless_merging(out_dir: Path, shard_summary: EvalSummary) -> EvalSummary:
@@ -734,7 +736,7 @@ def _merge(out_dir: Path) -> EvalSummary:
     if len(counts) != 1:
         raise ArtifactError(f"{out_dir}: shards of different splits ({sorted(counts)} shards)", "remove the shard directories of the old split")
     count = counts.pop()
-    missing = [Shard(i, count).dirname for i in range(count) if not (out_dir / Shard(i, count).dirname / SUMMARY_FILE).is_file()]
+    missing = _missing_shards(out_dir, count)
     if missing:
         raise ArtifactError(f"{out_dir}: {len(missing)} of {count} shards not finished ({', '.join(missing[:4])}...)", "run the missing shards, then merge")
     parts = [read_results(out_dir / Shard(i, count).dirname) for i in range(count)]

@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -82,7 +83,7 @@ class HFWeights:
         """Tensor `name`, or only rows [start, stop) of its first axis."""
         path, dtype, shape, start = self.entries[name]
         if rows is not None:
-            row_bytes = (_numel(shape[1:]) if len(shape) > 1 else 1) * _itemsize(dtype)
+            row_bytes = _nbytes(shape[1:], dtype)
             start += rows[0] * row_bytes
             shape = (rows[1] - rows[0], *shape[1:])
         out = torch.empty(shape, dtype=dtype)
@@ -98,15 +99,8 @@ class HFWeights:
         return out
 
 
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def _nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
 def _read_safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
@@ -135,7 +129,7 @@ def _safetensors_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]])
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dtype, shape in entries:
-        nbytes = _numel(shape) * _itemsize(dtype)
+        nbytes = _nbytes(shape, dtype)
         header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -166,7 +160,7 @@ def write_hf_weights(
     shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
     size = 0
     for entry in entries:
-        nbytes = _numel(entry[2]) * _itemsize(entry[1])
+        nbytes = _nbytes(entry[2], entry[1])
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
@@ -178,7 +172,7 @@ def write_hf_weights(
         with open(out_dir / file_name, "wb") as f:
             f.write(_safetensors_header(shard))
             for name, dtype, shape in shard:
-                remaining = _numel(shape) * _itemsize(dtype)
+                remaining = _nbytes(shape, dtype)
                 while remaining > 0:
                     got_name, piece = next(tensors)
                     if got_name != name or piece.dtype != dtype or tuple(piece.shape[1:]) != shape[1:]:
@@ -189,7 +183,7 @@ def write_hf_weights(
                 if remaining:
                     raise RuntimeError(f"internal: {name} received more data than its shape {shape}")
                 weight_map[name] = file_name
-                total += _numel(shape) * _itemsize(dtype)
+                total += _nbytes(shape, dtype)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -303,7 +297,7 @@ def _region_load_planner(requests: dict[str, list[tuple[tuple[int, ...], torch.T
                 found = create_read_items_for_chunk_list(key, stored, chunks)
                 covered = [0] * len(chunks)
                 for item in found:
-                    covered[item.dest_index.index] += _numel(item.lengths)
+                    covered[item.dest_index.index] += math.prod(item.lengths)
                 if any(c != t.numel() for c, (_, t) in zip(covered, wanted)):
                     raise ArtifactError(f"{where}: the checkpoint holds only part of {key}", "use a complete checkpoint")
                 items += found
@@ -525,7 +519,7 @@ def write_dist_checkpoint(out_dir: Path, source: HFRegionSource, config: Qwen3Co
                 index=MetadataIndex(m.key, offsets), type=WriteItemType.SHARD,
                 tensor_data=TensorWriteData(ChunkStorageMetadata(offsets, sizes), TensorProperties(dtype=dtype), size),
             ))
-            total += _numel(sizes) * _itemsize(dtype)
+            total += _nbytes(sizes, dtype)
         if m.extra_state:  # megatron-core saves `_extra_state` (None without TE) for each linear
             items.append(WriteItem(index=MetadataIndex(hfm.extra_state_keys(m, config, index)), type=WriteItemType.BYTE_IO))
 
@@ -597,7 +591,7 @@ def _convert_to_hf(ckpt_dir: Path, out_dir: Path, max_shard_size: int) -> None:
             yield from zip(hfm.hf_names(m, i), hfm.split(m, config, dest.reshape(m.shape)))
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        total = sum(_numel(s) * _itemsize(d) for _, d, s in entries)
+        total = sum(_nbytes(s, d) for _, d, s in entries)
         with tqdm(total=total, unit="B", unit_scale=True, desc="megatron -> hf", disable=None) as bar:
             parts = [table_rows(m) if m.tp_axis == 0 else layer([m], 0) for m in maps if m.key.startswith("embedding")]
             parts += [layer([m for m in maps if m.scope != "model"], i) for i in range(config.num_layers)]
@@ -642,10 +636,6 @@ def _unwrap(model):
     if getattr(inner, "qwen3_config", None) is None:
         raise ConfigError("model was not built by megatron_lopd.models.qwen3.build_model", "build it with build_model(config)")
     return inner
-
-
-def _model_config(model) -> Qwen3Config:
-    return _unwrap(model).qwen3_config
 
 
 def load_hf_weights(model, hf_dir: str | Path) -> None:
@@ -705,7 +695,7 @@ def save_checkpoint(
 
     ckpt_dir, model = Path(ckpt_dir), _unwrap(model)
     hf_config = config if isinstance(config, dict) else config.to_hf_dict()
-    _check_same_architecture(_model_config(model), Qwen3Config.from_hf(hf_config), "save_checkpoint config")
+    _check_same_architecture(model.qwen3_config, Qwen3Config.from_hf(hf_config), "save_checkpoint config")
     tokenizer_files(tokenizer_dir)
     if dist.get_rank() == 0:
         _prepare_empty_dir(ckpt_dir, "checkpoint")
@@ -735,7 +725,7 @@ def load_checkpoint(ckpt_dir: str | Path, model) -> dict:
 
     ckpt_dir, model = Path(ckpt_dir), _unwrap(model)
     meta = read_checkpoint_metadata(ckpt_dir)
-    _check_same_architecture(_model_config(model), Qwen3Config.from_hf(meta["hf_config"]), str(ckpt_dir))
+    _check_same_architecture(model.qwen3_config, Qwen3Config.from_hf(meta["hf_config"]), str(ckpt_dir))
     stored = set(_storage_reader(ckpt_dir).read_metadata().state_dict_metadata)
     sharded = {
         k: v for k, v in model.sharded_state_dict().items()

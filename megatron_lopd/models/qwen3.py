@@ -465,37 +465,24 @@ def build_model(
     *,
     pre_process: bool | None = None,
     post_process: bool | None = None,
-    params_dtype: torch.dtype = torch.float32,
-    bf16: bool = False,
-    fp8: str | None = None,
-    sequence_parallel: bool = False,
-    recompute: str | None = None,
-    use_te: bool | None = None,
-    moe_aux_loss_coeff: float = 0.0,
-    perform_initialization: bool = True,
     parallel_output: bool = True,
+    **options,
 ):
     """A megatron-core GPTModel with Qwen3's architecture for this rank's TP/PP/EP shard.
 
-    Call after `init_distributed`. `pre_process` / `post_process` default to whether this
-    rank is the first / last pipeline stage. `parallel_output=True` returns vocab-parallel
-    logits ([b, s, vocab / TP]); the causal mask is built in (pass attention_mask=None).
+    Call after `init_distributed`. `options` are `transformer_config`'s (params_dtype, bf16,
+    fp8, sequence_parallel, recompute, use_te, ...). `pre_process` / `post_process` default
+    to whether this rank is the first / last pipeline stage. `parallel_output=True` returns
+    vocab-parallel logits ([b, s, vocab / TP]); the causal mask is built in (pass
+    attention_mask=None).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    tconfig = transformer_config(
-        config,
-        params_dtype=params_dtype,
-        bf16=bf16,
-        fp8=fp8,
-        sequence_parallel=sequence_parallel,
-        recompute=recompute,
-        use_te=use_te,
-        moe_aux_loss_coeff=moe_aux_loss_coeff,
-        perform_initialization=perform_initialization,
+    tconfig = transformer_config(config, **options)
+    use_te = _resolve_use_te(
+        options.get("use_te"), fp8=options.get("fp8"), sequence_parallel=options.get("sequence_parallel", False)
     )
-    use_te = _resolve_use_te(use_te, fp8=fp8, sequence_parallel=sequence_parallel)
     model = GPTModel(
         config=tconfig,
         transformer_layer_spec=layer_spec(config, use_te),

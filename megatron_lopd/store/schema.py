@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -178,17 +178,6 @@ class SequenceRecord:
         return int(len(self.response_ids))
 
 
-_PROVENANCE_FIELDS = (
-    "teacher_fingerprint",
-    "tokenizer_fingerprint",
-    "chat_template",
-    "rollouts_fingerprint",
-    "rollout_generator_fingerprint",
-    "engine",
-    "engine_version",
-    "code_version",
-    "created_at",
-)
 # Fields that may differ between two writers of one store (a resumed run on a later commit).
 _VOLATILE_PROVENANCE = ("code_version", "created_at")
 
@@ -250,6 +239,9 @@ class StoreProvenance:
             f"teacher store provenance has no field {key!r}",
             f"require one of {', '.join(_PROVENANCE_FIELDS)} or a key of provenance.extra",
         )
+
+
+_PROVENANCE_FIELDS = tuple(f.name for f in fields(StoreProvenance) if f.name != "extra")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -163,11 +163,9 @@ class ArtifactSource(SequenceSource):
         return self._lengths
 
     def fetch(self, indices: Sequence[int]) -> list[TrainSequence]:
-        out = []
-        for i in indices:
-            r = self.artifact[int(i)]
-            out.append(TrainSequence(index=int(i), prompt_ids=np.asarray(r.prompt_ids), response_ids=np.asarray(r.response_ids)))
-        return out
+        records = ((int(i), self.artifact[int(i)]) for i in indices)
+        return [TrainSequence(index=i, prompt_ids=np.asarray(r.prompt_ids), response_ids=np.asarray(r.response_ids))
+                for i, r in records]
 
 
 # --------------------------------------------------------------------------------------
@@ -265,40 +263,17 @@ class MicroBatch:
         def move(t):
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
-        return MicroBatch(
-            **{k: move(getattr(self, k)) for k in _TENSOR_FIELDS},
-            num_sequences=self.num_sequences,
-            sequence_indices=self.sequence_indices,
-        )
+        return replace(self, **{k: move(getattr(self, k)) for k in _TENSOR_FIELDS})
 
     def loss_inputs(self):
         from megatron_lopd.training.losses import LossInputs
 
-        return LossInputs(
-            target_ids=self.target_ids,
-            loss_mask=self.loss_mask,
-            seq_ids=self.seq_ids,
-            num_sequences=self.num_sequences,
-            teacher_logprobs=self.teacher_logprobs,
-            teacher_topk_ids=self.teacher_topk_ids,
-            teacher_topk_logprobs=self.teacher_topk_logprobs,
-            rollout_logprobs=self.rollout_logprobs,
-            teacher_top1_ids=self.teacher_top1_ids,
-        )
+        shared = [f.name for f in fields(LossInputs) if f.name in _MICROBATCH_FIELDS]
+        return LossInputs(**{k: getattr(self, k) for k in shared})
 
 
-_TENSOR_FIELDS = (
-    "input_ids",
-    "position_ids",
-    "target_ids",
-    "loss_mask",
-    "seq_ids",
-    "teacher_logprobs",
-    "teacher_topk_ids",
-    "teacher_topk_logprobs",
-    "rollout_logprobs",
-    "teacher_top1_ids",
-)
+_MICROBATCH_FIELDS = {f.name for f in fields(MicroBatch)}
+_TENSOR_FIELDS = tuple(f.name for f in fields(MicroBatch) if f.name not in ("num_sequences", "sequence_indices"))
 
 
 def collate(

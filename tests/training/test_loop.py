@@ -289,6 +289,9 @@ def bad_stores(pipeline):
     import dataclasses
 
     root, recs = pipeline["root"], pipeline["records"]
+    names = ("other_tokenizer", "big_ids", "corrupted")
+    if (root / "bad_stores.done").is_file():  # built already this session (another module imports this fixture)
+        return {name: root / {"other_tokenizer": "other_tok"}.get(name, name) for name in names}
     fps = dict(teacher_fp=pipeline["fp_teacher"], tokenizer_fp=pipeline["fp_tokenizer"], policy_fp=pipeline["fp_student"])
     out = {"other_tokenizer": write_store(root / "other_tok", recs, **{**fps, "tokenizer_fp": "tok-someone-else"})}
     big = dataclasses.replace(recs[5], response_ids=np.where(np.arange(len(recs[5].response_ids)) == 2, 200, recs[5].response_ids).astype(np.int32))
@@ -300,6 +303,8 @@ def bad_stores(pipeline):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
+    (root / "bad_stores.done").touch()
+    assert set(out) == set(names)
     return out
 
 
