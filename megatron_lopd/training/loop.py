@@ -99,6 +99,7 @@ class Trainer:
             tp_group=ps.get_tensor_model_parallel_group() if self.tp_size > 1 else None, vocab_size=self.start.qwen3.vocab_size,
             use_te=self.use_te, is_last_stage=self.is_last_stage, flops_per_token=self.start.qwen3.flops_per_token,
             peak_tflops=peak_tflops(torch.cuda.get_device_name(), "fp8" if cfg.model.fp8 else "bf16", cfg.logging.peak_tflops) if on_gpu else None,
+            stop_signal=lambda: self.stop_signal or 0,
         )
         self.step, self.nonfinite_steps, self.teacher_nonfinite_steps = 0, 0, 0
         if self.checks.resume_from is not None:
@@ -266,8 +267,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train_step(self, batch) -> dict[str, Any]:
         """One optimizer step on `batch` (a StepBatch); returns its metrics record."""
-        # The config is read per step: the step-time benchmark swaps it (and the data) between variants.
-        self.step_fn.config, self.step_fn.stop_signal = self.config, self.stop_signal or 0
+        self.step_fn.config = self.config  # read per step: the step-time benchmark swaps it (and the data)
         record = self.step_fn(batch, self.step + 1)
         self.agreed_stop_signal = record.pop("stop_signal")
         return record

@@ -38,7 +38,9 @@ class TrainStep:
     is_last_stage: bool
     flops_per_token: Callable[[int], float]  # training FLOPs per token at a row length
     peak_tflops: float | None = None  # per GPU; None: no MFU (CPU, unknown device)
-    stop_signal: int = 0  # set by a signal handler; agreed across ranks after each step
+    # The stop signal this rank got so far (0: none), read when the step ends so that a signal
+    # arriving mid-step stops the run after this step; agreed across ranks.
+    stop_signal: Callable[[], int] = lambda: 0
 
     def forward_step(self, data_iterator, model):
         from megatron_lopd.training.data import block_causal_mask, packed_seq_params
@@ -101,7 +103,7 @@ class TrainStep:
             finite = bool(self.optimizer.step()[0])
         # Every rank measures its own time (data wait included); the slowest defines the step.
         # The same all-reduce tells every rank whether any of them got a stop signal.
-        agreed = torch.tensor([time.perf_counter() - t0 + batch.wait_s, float(self.stop_signal)], dtype=torch.float64, device=self.device)
+        agreed = torch.tensor([time.perf_counter() - t0 + batch.wait_s, float(self.stop_signal())], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
         step_time, agreed_signal = float(agreed[0].item()), int(agreed[1].item())
         tokens = torch.tensor([batch.tokens], dtype=torch.float64, device=self.device)

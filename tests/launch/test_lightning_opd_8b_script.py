@@ -129,7 +129,13 @@ def test_sbatch_script_trains_checkpoints_and_resumes_after_requeue(slurm, slurm
     while slurm.state(job) != "PENDING":
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # requeued jobs are held ~2 min otherwise
+    # SLURM holds a requeued job ~2 min. The test starts it at once, but only once the previous
+    # life's step daemon is gone: slurmd refuses a launch while it lingers ("credential revoked").
+    # (Every daemon of the local test cluster runs on this host.)
+    while subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the previous life's step daemon never ended"
+        time.sleep(0.2)
+    slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")
     assert slurm.wait(job, timeout=300) == "COMPLETED"
 
     logs = run_dir / "logs"
@@ -173,7 +179,13 @@ def test_sbatch_script_checkpoints_on_sigterm_and_requeues_itself(slurm, slurm_p
     while slurm.state(job) != "PENDING":  # the script requeued it
         assert time.monotonic() < deadline, slurm.state(job)
         time.sleep(0.2)
-    slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # requeued jobs are held ~2 min otherwise
+    # SLURM holds a requeued job ~2 min. The test starts it at once, but only once the previous
+    # life's step daemon is gone: slurmd refuses a launch while it lingers ("credential revoked").
+    # (Every daemon of the local test cluster runs on this host.)
+    while subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the previous life's step daemon never ended"
+        time.sleep(0.2)
+    slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")
     logs = run_dir / "logs"
     state = slurm.wait(job, timeout=600)
     assert state == "COMPLETED", "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.iterdir()))
