@@ -184,9 +184,9 @@ class OutputLock:
         """Take the lock; returns None on success, else the live holder's record."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
+            # Created with its content in one step (publish_once): a holder killed while taking the
+            # lock never leaves an empty lock file that would look alive until stale_after_s.
+            if not publish_once(self.path, json.dumps(_holder())):
                 holder = self.read_holder()
                 if holder is None:
                     continue  # released meanwhile
@@ -202,8 +202,6 @@ class OutputLock:
                 grave.unlink(missing_ok=True)
                 log.warning("%s: taking over a stale lock (%s): %s", self.what, describe_holder(holder), reason)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(_holder(), f)
             self.held = True
             if self.heartbeat:
                 self._thread = threading.Thread(target=self._beat, name=f"lock-heartbeat {self.path}", daemon=True)

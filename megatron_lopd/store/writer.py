@@ -135,7 +135,7 @@ class StoreWriter:
             remove_owned_dir(path, is_teacher_store, "teacher store", flag=overwrite_flag)
         if not (path / "zarr.json").exists():  # another creator's root temporary may be there for a moment
             refuse_foreign_dir(path, f"{path}: exists and is not a teacher store", "choose an empty or new directory for the store",
-                               ignore=lambda name: name.startswith((".zarr.json.", ".lopd-write-probe.")) or name == LOCK_NAME)
+                               ignore=lambda name: name.startswith((".zarr.json.", ".lopd-write-probe.", f".{LOCK_NAME}.")) or name == LOCK_NAME)
         path.mkdir(parents=True, exist_ok=True)
         # Exactly one creator publishes the root; a second one compares instead.
         created = publish_once(path / "zarr.json", layout.root_json(meta))
