@@ -369,9 +369,14 @@ def qwen3_4b() -> run.Partial:
 
 @run.cli.factory(target=lightning_opd)
 def qwen3_30b_a3b() -> run.Partial:
-    """Qwen3-30B-A3B-Base (MoE) student on one 8-GPU node: TP 4 + EP 8 (+ sequence parallel).
-    The teacher defaults to Qwen3-32B; set teacher=DIR for another one."""
-    return _paper_pipeline("Qwen3-30B-A3B-Base", "Qwen3-32B", "runs/qwen3_30b_a3b", 1, tensor_parallel=4, expert_parallel=8, sequence_parallel=True)
+    """Qwen3-30B-A3B-Base (MoE) student on one 8-GPU node, as the official MoE run: TP 4 + sequence
+    parallel for attention, EP 8 with expert tensor parallel 1 for the experts, the optimizer
+    offloaded to the CPU (precision-aware, overlapped copies), full recompute and dynamic batches
+    of 12,288 tokens per GPU; teacher Qwen3-30B-A3B-Thinking-2507 (set teacher=DIR for another)."""
+    memory = {"optimizer.cpu_offload": True, "optimizer.precision_aware": True, "model.recompute": "full",
+              "data.micro_batch_tokens": 12288}
+    return _paper_pipeline("Qwen3-30B-A3B-Base", "Qwen3-30B-A3B-Thinking-2507", "runs/qwen3_30b_a3b", 1, tensor_parallel=4,
+                           expert_parallel=8, sequence_parallel=True, overrides=memory)
 
 
 @run.cli.factory(target=lightning_opd)

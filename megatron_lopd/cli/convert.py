@@ -33,6 +33,8 @@ def register(subparsers) -> None:
                             "the export gets a manifest.json with the run's provenance)")
     to_hf.add_argument("--out", required=True, help="new HF model directory (must not exist or be empty)")
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    to_hf.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                       help="tensor dtype, also written to config.json (default: the dtype the model's config names)")
     to_hf.set_defaults(handler=_to_hf)
 
 
@@ -55,7 +57,7 @@ def _to_hf(args: argparse.Namespace) -> int:
     checkpoint = find_latest(run_dir / "checkpoints")  # the trainer's layout: RUN/checkpoints/latest
     if checkpoint is None:
         run_dir, checkpoint = None, find_latest(args.checkpoint) or Path(args.checkpoint)
-    out = convert_to_hf(checkpoint, args.out, max_shard_size=args.max_shard_size)
+    out = convert_to_hf(checkpoint, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype)
     if run_dir is not None and (run_dir / MANIFEST_NAME).is_file():
         write_hf_manifest(out, run_dir, checkpoint)
     print(f"wrote Hugging Face model {out} from {checkpoint} in {time.perf_counter() - start:.1f} s")

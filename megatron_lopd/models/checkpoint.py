@@ -15,6 +15,7 @@ in the pieces a TP x EP run would save (a layout hint; loading reshards anyway).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -547,26 +548,39 @@ def write_dist_checkpoint(out_dir: Path, source: HFRegionSource, config: Qwen3Co
 
 
 # ---- Megatron -> HF ---------------------------------------------------------------------
-def convert_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_size: str | int = "5GB") -> Path:
+EXPORT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def convert_to_hf(ckpt_dir: str | Path, out_dir: str | Path, max_shard_size: str | int = "5GB", dtype: str | None = None) -> Path:
     """Megatron checkpoint (any TP/PP/EP) -> HF dir: config.json, sharded safetensors + index,
-    generation_config.json and the tokenizer files. Streams one layer at a time."""
+    generation_config.json and the tokenizer files. Streams one layer at a time.
+
+    `dtype` (one of EXPORT_DTYPES): the tensors' dtype, written into config.json too so that the
+    two agree. None: the dtype the model's config names (the base model's: a run trained in fp32
+    on CPU exports the bf16 a Qwen3 base model ships in, not fp32 tensors under a bf16 label)."""
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    _on_rank0(lambda: _convert_to_hf(ckpt_dir, out_dir, parse_size(max_shard_size)))
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}", "choose one of them")
+    _on_rank0(lambda: _convert_to_hf(ckpt_dir, out_dir, parse_size(max_shard_size), dtype))
     return out_dir
 
 
-def _convert_to_hf(ckpt_dir: Path, out_dir: Path, max_shard_size: int) -> None:
+def _convert_to_hf(ckpt_dir: Path, out_dir: Path, max_shard_size: int, dtype: str | None) -> None:
     from tqdm import tqdm
 
     meta = read_checkpoint_metadata(ckpt_dir)
     config = Qwen3Config.from_hf(meta["hf_config"])
+    dtype = dtype or (config.torch_dtype if config.torch_dtype in EXPORT_DTYPES else "bfloat16")
+    out_dtype = getattr(torch, dtype)
+    # transformers 4.x writes torch_dtype, 5.x dtype: keep the source's style (both when it has neither).
+    hf_config = dict(meta["hf_config"])
+    hf_config.update({k: dtype for k in ("torch_dtype", "dtype") if k in hf_config} or {"torch_dtype": dtype, "dtype": dtype})
     reader = _storage_reader(ckpt_dir)
     stored = reader.read_metadata().state_dict_metadata
     maps = hfm.tensor_maps(config)
     entries = []
     for m, index in hfm.iter_instances(config):
-        dtype = stored[m.key].properties.dtype
-        entries += [(name, dtype, shape) for name, shape in zip(hfm.hf_names(m, index), hfm.hf_shapes(m, config))]
+        entries += [(name, out_dtype, shape) for name, shape in zip(hfm.hf_names(m, index), hfm.hf_shapes(m, config))]
     _prepare_empty_dir(out_dir, "HF export")
 
     def table_rows(m: hfm.TensorMap) -> Iterator[tuple[str, torch.Tensor]]:
@@ -601,11 +615,12 @@ def _convert_to_hf(ckpt_dir: Path, out_dir: Path, max_shard_size: int) -> None:
             ]
             for part in parts:  # generators: each reads only when its turn comes
                 for name, tensor in part:
+                    tensor = tensor.to(out_dtype)
                     bar.update(tensor.numel() * tensor.element_size())
                     yield name, tensor
 
     write_hf_weights(out_dir, entries, tensors(), max_shard_size)
-    (out_dir / "config.json").write_text(json.dumps(meta["hf_config"], indent=2, sort_keys=True) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     copied = copy_tokenizer_files(ckpt_dir / TOKENIZER_DIR, out_dir)
     if "generation_config.json" not in copied:
         generation = {k: meta["hf_config"].get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -628,6 +643,38 @@ def dcp_load(reader, requests: dict[str, list[tuple[tuple[int, ...], torch.Tenso
 
 
 # ---- the live model ---------------------------------------------------------------------
+# Transformer Engine (>= 2.18) unpickles FP8 delayed-scaling extra state only when this is "1".
+TE_UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+
+
+def _te_installed() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+@contextlib.contextmanager
+def trusted_te_extra_state():
+    """Allow TE to unpickle FP8 extra state while one of our own checkpoints is loaded.
+
+    A `fp8=delayed` model keeps its scaling state as a pickle in `_extra_state`; TE >= 2.18
+    refuses to unpickle it (a pickle can run code) unless NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1
+    when `set_extra_state` runs. Checkpoints our trainer wrote are trusted, so the variable is
+    set for the load only and its previous value (or absence) restored after, also on error.
+    Without TE installed it changes nothing.
+    """
+    if not _te_installed():
+        yield
+        return
+    previous = os.environ.get(TE_UNSAFE_PICKLE_ENV)
+    os.environ[TE_UNSAFE_PICKLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TE_UNSAFE_PICKLE_ENV, None)
+        else:
+            os.environ[TE_UNSAFE_PICKLE_ENV] = previous
+
+
 def _unwrap(model):
     """The GPTModel from build_model inside DDP / Float16Module wrappers (they share parameters)."""
     inner = model
@@ -731,8 +778,9 @@ def load_checkpoint(ckpt_dir: str | Path, model) -> dict:
         k: v for k, v in model.sharded_state_dict().items()
         if not (isinstance(v, ShardedObject) and v.unique_key not in stored)
     }
-    loaded = dist_checkpointing.load({"model": sharded}, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    result = model.load_state_dict(loaded["model"], strict=False)
+    with trusted_te_extra_state():  # a trainer's fp8=delayed checkpoint holds pickled extra state
+        loaded = dist_checkpointing.load({"model": sharded}, str(ckpt_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        result = model.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise ArtifactError(
@@ -743,7 +791,7 @@ def load_checkpoint(ckpt_dir: str | Path, model) -> dict:
 
 
 def export_model_to_hf(model, config: Qwen3Config | dict, tokenizer_dir: str | Path, out_dir: str | Path,
-                       max_shard_size: str | int = "5GB") -> Path:
+                       max_shard_size: str | int = "5GB", dtype: str | None = None) -> Path:
     """Write the live `model` (all ranks call this) as a HF dir, via a temporary checkpoint.
 
     The temporary Megatron checkpoint sits next to `out_dir` and is removed afterwards; the
@@ -757,7 +805,7 @@ def export_model_to_hf(model, config: Qwen3Config | dict, tokenizer_dir: str | P
         shutil.rmtree(tmp)
     save_checkpoint(tmp, model, config=config, tokenizer_dir=tokenizer_dir, kind="export")
     try:
-        convert_to_hf(tmp, out_dir, max_shard_size=max_shard_size)
+        convert_to_hf(tmp, out_dir, max_shard_size=max_shard_size, dtype=dtype)
     finally:
         dist.barrier()
         if dist.get_rank() == 0:

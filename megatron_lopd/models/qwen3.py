@@ -17,7 +17,9 @@ exists for callers that want to pass an explicit mask.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,15 +275,21 @@ def named_config(name: str) -> Qwen3Config:
 
 
 # ---- Megatron -----------------------------------------------------------------------
-def te_available() -> bool:
-    """Transformer Engine importable and usable (it needs CUDA)."""
+def te_unavailable_reason() -> str | None:
+    """Why the Transformer Engine spec cannot be used here (None: it can). The real import
+    error is kept: a broken TE install on a GPU node must not pass for "not installed"."""
     if not torch.cuda.is_available():
-        return False
+        return "no CUDA device"
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
+    except Exception as exc:  # TE raises more than ImportError when its CUDA libraries mismatch
+        return f"transformer_engine does not import ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
+def te_available() -> bool:
+    """Transformer Engine importable and usable (it needs CUDA)."""
+    return te_unavailable_reason() is None
 
 
 def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -289,7 +297,7 @@ def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> t
     return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
 
 
-def _parallel_sizes() -> tuple[int, int, int]:
+def _parallel_sizes() -> tuple[int, int, int, int]:
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
@@ -301,22 +309,26 @@ def _parallel_sizes() -> tuple[int, int, int]:
         ps.get_tensor_model_parallel_world_size(),
         ps.get_pipeline_model_parallel_world_size(),
         ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_tensor_parallel_world_size(),
     )
 
 
-def check_parallel_layout(config: Qwen3Config, tp: int, pp: int = 1, ep: int = 1, *, where: str = "model") -> None:
-    """Raise ConfigError unless the model splits evenly at TP / PP / EP."""
-    if min(tp, pp, ep) < 1:
-        raise ConfigError(f"{where}: parallel sizes must be >= 1 (got TP={tp} PP={pp} EP={ep})", "pass positive sizes")
+def check_parallel_layout(config: Qwen3Config, tp: int, pp: int = 1, ep: int = 1, *, etp: int | None = None, where: str = "model") -> None:
+    """Raise ConfigError unless the model splits evenly at TP / PP / EP / expert TP (etp: None = TP,
+    megatron-core's default)."""
+    etp = tp if etp is None else etp
+    if min(tp, pp, ep, etp) < 1:
+        raise ConfigError(f"{where}: parallel sizes must be >= 1 (got TP={tp} PP={pp} EP={ep} ETP={etp})", "pass positive sizes")
     if not config.is_moe and ep != 1:
         raise ConfigError(f"{where}: EP={ep} given for a dense model (no experts)", "use EP=1 for dense Qwen3 models")
-    ffn = (f"expert FFN size {config.moe_ffn_hidden_size}", config.moe_ffn_hidden_size) if config.is_moe else (
-        f"FFN size {config.ffn_hidden_size}", config.ffn_hidden_size)
+    # Qwen3-MoE has no dense MLP: its FFN weights are the experts', split by expert TP.
+    ffn = (f"expert TP={etp}", etp, f"expert FFN size {config.moe_ffn_hidden_size}", config.moe_ffn_hidden_size) if config.is_moe else (
+        f"TP={tp}", tp, f"FFN size {config.ffn_hidden_size}", config.ffn_hidden_size)
     checks = [
         (f"TP={tp}", tp, f"{config.num_heads} attention heads", config.num_heads),
         (f"TP={tp}", tp, f"{config.num_kv_heads} key/value heads", config.num_kv_heads),
         (f"TP={tp}", tp, f"vocab size {config.vocab_size}", config.vocab_size),
-        (f"TP={tp}", tp, *ffn),
+        ffn,
         (f"PP={pp}", pp, f"{config.num_layers} layers", config.num_layers),
         (f"EP={ep}", ep, f"{config.num_experts} experts", config.num_experts if config.is_moe else 1),
     ]
@@ -344,8 +356,8 @@ def transformer_config(
     """The megatron-core TransformerConfig of `config` for the current parallel state."""
     from megatron.core.transformer import TransformerConfig
 
-    tp, pp, ep = _parallel_sizes()
-    check_parallel_layout(config, tp, pp, ep)
+    tp, pp, ep, etp = _parallel_sizes()
+    check_parallel_layout(config, tp, pp, ep, etp=etp)
     use_te = _resolve_use_te(use_te, fp8=fp8, sequence_parallel=sequence_parallel)
     if recompute not in (None, *RECOMPUTE):
         raise ConfigError(f"recompute={recompute!r} is not known", f"use one of {RECOMPUTE} or None")
@@ -387,6 +399,7 @@ def transformer_config(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=torch.bfloat16 if bf16 else params_dtype,  # activations between pipeline stages
@@ -399,9 +412,13 @@ def transformer_config(
         init_method_std=init_method_std,
         perform_initialization=perform_initialization,
         use_cpu_initialization=on_cpu,
-        # Fused kernels are CUDA-only; off on CPU, Megatron's defaults on GPU.
+        # Fused kernels are CUDA-only; off on CPU, Megatron's defaults on GPU. Never the fused
+        # masked softmax: its kernels (scaled_masked_softmax_cuda) are not in the megatron-core
+        # wheel, and its causal variant ignores the block-diagonal mask of packed rows, letting
+        # packed sequences attend to each other. (The TE spec does not use it: TE's attention
+        # takes the packed boundaries as cu_seqlens.)
         bias_activation_fusion=not on_cpu and use_te,
-        masked_softmax_fusion=not on_cpu,
+        masked_softmax_fusion=False,
         bias_dropout_fusion=not on_cpu,
         apply_rope_fusion=not on_cpu and use_te,
         gradient_accumulation_fusion=False,
@@ -411,22 +428,29 @@ def transformer_config(
 
 
 def _resolve_use_te(use_te: bool | None, *, fp8: str | None, sequence_parallel: bool) -> bool:
-    have_te = te_available()
+    why_not = te_unavailable_reason()
     if fp8 is not None and fp8 not in FP8_RECIPES:
         raise ConfigError(f"fp8={fp8!r} is not known", f"use one of {tuple(FP8_RECIPES)} or None")
     needs_te = [what for what, on in (("fp8", fp8 is not None), ("sequence parallel", sequence_parallel)) if on]
-    if needs_te and (not have_te or use_te is False):
+    if needs_te and (why_not or use_te is False):
         raise ConfigError(
-            f"{' and '.join(needs_te)} need Transformer Engine on a CUDA GPU"
-            + ("" if have_te else " (transformer_engine does not import here)"),
+            f"{' and '.join(needs_te)} need Transformer Engine on a CUDA GPU" + (f" ({why_not})" if why_not else ""),
             "run on a GPU node with transformer-engine installed, or set fp8=None and sequence_parallel=false",
         )
-    if use_te and not have_te:
+    if use_te and why_not:
         raise ConfigError(
-            "use_te=True but Transformer Engine is not usable here (it needs CUDA and transformer_engine)",
+            f"use_te=True but Transformer Engine is not usable here ({why_not})",
             "install transformer-engine on a GPU node, or leave use_te unset to fall back to the local spec",
         )
-    return have_te if use_te is None else use_te
+    if use_te is None and why_not and torch.cuda.is_available():
+        _warn_once(f"Transformer Engine is not usable on this GPU node ({why_not}): using megatron-core's local "
+                   "spec (unfused attention, more memory and slower; no FP8 or sequence parallel)")
+    return why_not is None if use_te is None else use_te
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logging.getLogger("megatron_lopd.models").warning(message)
 
 
 def layer_spec(config: Qwen3Config, use_te: bool):
@@ -483,9 +507,18 @@ def build_model(
     use_te = _resolve_use_te(
         options.get("use_te"), fp8=options.get("fp8"), sequence_parallel=options.get("sequence_parallel", False)
     )
+    spec = layer_spec(config, use_te)
+    if not use_te:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+        # megatron-core picks the final norm by what imports: TE's, else apex's FusedLayerNorm
+        # (NGC containers ship apex), which refuses RMSNorm. The local spec's layers use torch's
+        # RMSNorm: the final norm too, whatever is installed.
+        spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(tconfig), layer_norm=WrappedTorchNorm)
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=layer_spec(config, use_te),
+        transformer_layer_spec=spec,
         vocab_size=config.vocab_size,
         max_sequence_length=config.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage() if pre_process is None else pre_process,

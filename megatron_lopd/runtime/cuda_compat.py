@@ -5,7 +5,9 @@ device of buffers, the CUDA RNG state in its tensor-parallel RNG tracker,
 `device="cuda"` in pipeline schedules and the default causal mask,
 `torch.cuda.current_stream()` in DDP, `param.type() == "torch.cuda.FloatTensor"` in the
 optimizers. On a machine without CUDA, `install()` redirects those to the CPU so that
-the same training, conversion and test code runs over gloo.
+the same training, conversion and test code runs over gloo. It also replaces
+megatron-core's apex-less gradient-norm kernel, which is inaccurate on CPU
+(`_l2_norm_fp64`).
 
 `install()` is a no-op when CUDA is available: GPU runs see megatron-core untouched.
 The private names it replaces are listed in `PATCHED_UPSTREAM_NAMES`; a canary test
@@ -26,6 +28,7 @@ PATCHED_UPSTREAM_NAMES = (
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
     ("megatron.core.fusions.fused_softmax", "get_default_causal_mask"),
+    ("megatron.core.optimizer.clip_grads", "l2_norm_impl"),
 )
 
 _installed = False
@@ -86,6 +89,29 @@ class _NullEvent(_NullStream):
         return 0.0
 
 
+def _l2_norm_fp64(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for apex's `multi_tensor_l2norm`, summing the squares in float64.
+
+    Without apex / Transformer Engine, megatron-core's `get_grad_norm_fp32` uses
+    `megatron.core.utils.local_multi_tensor_l2_norm`: `torch.norm` of each tensor. On CPU,
+    torch's float32 2-norm kernel adds every square into one float32 accumulator
+    (pytorch/pytorch#169237), which drops small terms once the sum is large: measured
+    -1.8e-4 relative on 6.3M elements, -2 % on 155M (one thread). The logged grad_norm and
+    the clip factor were too low, and more so at TP 1 than at TP 2 (half-size shards):
+    issue #19. Chunks of 2**20 elements in float64 are exact to ~1e-14.
+    """
+    norms = []
+    for tensor in tensor_lists[0]:
+        total = torch.zeros((), dtype=torch.float64, device=tensor.device)
+        for piece in tensor.detach().reshape(-1).split(1 << 20):
+            piece = piece.double()
+            total += torch.dot(piece, piece)
+        norms.append(total)
+    squares = torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64)
+    total_norm = squares.sum().sqrt().float().reshape(1)
+    return total_norm, (squares.sqrt().float() if per_tensor else None)
+
+
 def installed() -> bool:
     return _installed
 
@@ -102,7 +128,9 @@ def install() -> bool:
                 "megatron_lopd.runtime.cuda_compat needs updating for this release"
             )
     import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.optimizer.clip_grads as clip_grads
     import megatron.core.tensor_parallel.random as tp_random
+    from megatron.core.utils import local_multi_tensor_l2_norm
 
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
@@ -119,6 +147,8 @@ def install() -> bool:
     tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     # The default mask is built on "cuda"; upper triangle = masked out.
     fused_softmax.get_default_causal_mask = lambda sq: torch.ones(sq, sq, dtype=torch.bool).triu(1)
+    if clip_grads.l2_norm_impl is local_multi_tensor_l2_norm:  # neither apex nor TE: megatron's fallback
+        clip_grads.l2_norm_impl = _l2_norm_fp64
     _CudaToCpu().__enter__()  # stays active for the life of the process
     _installed = True
     return True

@@ -31,6 +31,7 @@ class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     expert_parallel: int = 1
+    expert_tensor_parallel: int = 1  # TP inside the experts (MoE only)
     context_parallel: int = 1
     sequence_parallel: bool = False
 
@@ -43,11 +44,13 @@ class ParallelConfig:
                 "launch a multiple of TP*PP*CP processes or change the parallel layout",
             )
         dp = world_size // model
-        if (dp * self.context_parallel) % self.expert_parallel:
+        experts = self.expert_tensor_parallel * self.expert_parallel * self.pipeline_parallel
+        if world_size % experts:
+            # The expert layers are laid out as ETP x EP x expert-DP x PP over the same ranks.
             raise ConfigError(
-                f"expert parallel {self.expert_parallel} does not divide DP x CP = "
-                f"{dp * self.context_parallel}",
-                "choose EP dividing the data-parallel size",
+                f"world size {world_size} is not divisible by expert TP {self.expert_tensor_parallel} x "
+                f"EP {self.expert_parallel} x PP {self.pipeline_parallel} = {experts}",
+                "choose EP x parallel.expert_tensor_parallel x PP dividing the world size",
             )
         return dp
 
@@ -133,6 +136,11 @@ def init_distributed(parallel: ParallelConfig = ParallelConfig(), seed: int = 12
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         context_parallel_size=parallel.context_parallel,
         expert_model_parallel_size=parallel.expert_parallel,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel,
+        # Gloo side groups only where gloo is the backend anyway: on GPU nodes they are unused
+        # (our optimizer and checkpoint formats communicate over NCCL) and a classic multi-node
+        # failure (gloo picks the wrong interface without GLOO_SOCKET_IFNAME).
+        create_gloo_process_groups=not torch.cuda.is_available(),
     )
     set_seeds(seed)
     return info

@@ -146,7 +146,9 @@ class HfExport(Callback):
         if trainer.is_logging_rank and out.exists():
             shutil.rmtree(out)
         torch.distributed.barrier()
-        mckpt.export_model_to_hf(trainer.inner_model, trainer.start.qwen3, trainer.start.tokenizer_dir, out)
+        dtype = trainer.config.model.export_dtype
+        mckpt.export_model_to_hf(trainer.inner_model, trainer.start.qwen3, trainer.start.tokenizer_dir, out,
+                                 dtype=None if dtype == "auto" else dtype)
         torch.distributed.barrier()
         summary.hf_export = out
         if trainer.is_logging_rank:

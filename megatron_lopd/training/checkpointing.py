@@ -4,10 +4,10 @@ Layout of `<run_dir>/checkpoints/`:
 
     step_0000050/                 a megatron.core.dist_checkpointing directory:
         ...                         "model" (the same keys as `lopd convert from-hf` writes),
-                                    "optimizer" (Adam moments, fp32 main params; model-space
-                                    sharding, so it reloads at another DP / TP size), "rng"
-        lopd_checkpoint.json      format_version, hf_config, layout, iteration, kind and the
-                                  "trainer" state: step, scheduler, data position, counters
+                                    "optimizer" (Adam moments, fp32 main params), "rng"
+        lopd_checkpoint.json      format_version, hf_config, layout, optimizer_format,
+                                  iteration, kind and the "trainer" state: step, scheduler,
+                                  data position, counters
         tokenizer/                the student's tokenizer
     latest                        name of the newest complete checkpoint (atomic replace)
 
@@ -15,10 +15,20 @@ A checkpoint is written under `step_N.partial` and renamed once every rank has f
 then `latest` is replaced: a run killed at any moment leaves either the previous or the
 new checkpoint as latest, never a torn one. `model.start_from` can point at any of these
 directories (the model loader ignores the optimizer part).
+
+Another layout on resume. The model part loads at any TP / PP / EP / DP (global tensors).
+The distributed optimizer's state is written as `checkpoint.optimizer_format` says (the costs
+are in the comment above `_UNRECORDED_FORMAT`): `dp_reshardable` (the default) resumes at any
+DP size but only at its own TP / PP / EP, another layout is refused before loading;
+`fully_reshardable` resumes at any layout. After a TP / PP change the RNG state is not
+restored (the saved per-rank streams do not map onto the new ranks); the streams start from
+the run's seed instead, which changes no number in training here (Qwen3 has no dropout, the
+data order has its own seed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -29,18 +39,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_lopd.errors import ArtifactError
-
-from megatron_lopd.models.checkpoint import FORMAT_VERSION, copy_tokenizer_files, read_checkpoint_metadata
+from megatron_lopd.errors import ArtifactError, ConfigError
+from megatron_lopd.models.checkpoint import FORMAT_VERSION, copy_tokenizer_files, read_checkpoint_metadata, trusted_te_extra_state
 from megatron_lopd.models.checkpoint import METADATA_FILE as METADATA_NAME
+from megatron_lopd.models.qwen3 import Qwen3Config
 from megatron_lopd.runtime.files import atomic_write
 
 LATEST_NAME = "latest"
 _PARTIAL = ".partial"
-# The distributed optimizer's state in a canonical per-parameter form, loadable at any DP
-# (and TP/PP) size. (megatron-core 0.16.1's default, fully_sharded_model_space, fails on
-# save with "flattened_range is not supported".)
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# How the distributed optimizer's state is written (`checkpoint.optimizer_format`; megatron-core's
+# `distrib_optim_sharding_type`, the same in 0.16-0.19). "dp_reshardable" stores each rank's flat
+# buffers: no communication at save, loadable at another DP size only. "fully_reshardable"
+# gathers each parameter's state over DP into model space: loadable at any TP / PP / EP / DP,
+# at the price of that gather at every save (measured on CPU: 2x the save time and the peak
+# memory of dp_reshardable, same size; on GPU the gather runs over NCCL in GPU memory, about
+# 4 B x parameters per model-parallel rank per state). Checkpoints that record no format
+# were written dp_reshardable. (0.16.1's default, fully_sharded_model_space, fails on save:
+# "flattened_range is not supported".) A plain (non-distributed) optimizer ignores the choice.
+_UNRECORDED_FORMAT = "dp_reshardable"
 
 
 def step_dir_name(step: int) -> str:
@@ -116,8 +132,42 @@ def _layout() -> dict[str, int]:
         "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
         "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
         "expert_parallel": ps.get_expert_model_parallel_world_size(),
+        "expert_tensor_parallel": ps.get_expert_tensor_parallel_world_size(),
         "data_parallel": ps.get_data_parallel_world_size(),
     }
+
+
+def optimizer_format(meta: dict[str, Any]) -> str:
+    """The sharding type a checkpoint's distributed-optimizer state was written in."""
+    return meta.get("optimizer_format", _UNRECORDED_FORMAT)
+
+
+# The parallel sizes that shape the distributed optimizer's per-rank buffers (the expert ones
+# only in an MoE model), with their short names.
+_BUFFER_LAYOUT = {"tensor_parallel": "TP", "pipeline_parallel": "PP"}
+_EXPERT_BUFFER_LAYOUT = {**_BUFFER_LAYOUT, "expert_parallel": "EP", "expert_tensor_parallel": "ETP"}
+
+
+def check_resume_layout(ckpt_dir: str | Path, meta: dict[str, Any], layout: dict[str, int]) -> None:
+    """Refuse to resume `ckpt_dir` (metadata `meta`) at `layout` (sizes by name, as in the
+    metadata) when its optimizer state cannot be resharded to it: a one-line ConfigError."""
+    fmt = optimizer_format(meta)
+    if fmt == "fully_reshardable":
+        return
+    names = _EXPERT_BUFFER_LAYOUT if Qwen3Config.from_hf(meta["hf_config"]).is_moe else _BUFFER_LAYOUT
+    # Expert TP was not recorded before it was configurable: megatron-core set it to TP.
+    saved = {k: meta.get(k, meta["tensor_parallel"]) for k in names}
+    asked = {k: layout[k] for k in names}
+    if saved != asked:
+        raise ConfigError(
+            f"{ckpt_dir}: its optimizer state ({fmt}) reshards over data parallel only; it was saved at "
+            f"{_sizes(saved, names)}, this run asks for {_sizes(asked, names)}",
+            f"resume with {' '.join(f'parallel.{k}={v}' for k, v in saved.items())} (checkpoints written with "
+            "checkpoint.optimizer_format=fully_reshardable resume at any layout)")
+
+
+def _sizes(layout: dict[str, int], names: dict[str, str]) -> str:
+    return " ".join(f"{names[k]}={v}" for k, v in layout.items())
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -134,6 +184,7 @@ def save_training_checkpoint(
     trainer_state: dict[str, Any],
     start_fingerprint: str | None = None,
     keep_last: int = 0,
+    optimizer_format: str = "dp_reshardable",
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     import torch.distributed as dist
@@ -151,10 +202,10 @@ def save_training_checkpoint(
     model_sd = model.sharded_state_dict()
     state = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=_OPTIMIZER_METADATA),
+        "optimizer": optimizer.sharded_state_dict(model_sd, metadata={"distrib_optim_sharding_type": optimizer_format}),
         "rng": _rng_sharded_object(_rng_state()),
     }
-    dist_checkpointing.save(state, str(partial))
+    dist_checkpointing.save(state, str(partial), sharded_strategy=_fully_parallel_save())
     dist.barrier()
     if rank == 0:
         layout = _layout()
@@ -165,7 +216,9 @@ def save_training_checkpoint(
             "tensor_parallel": layout["tensor_parallel"],
             "pipeline_parallel": layout["pipeline_parallel"],
             "expert_parallel": layout["expert_parallel"],
+            "expert_tensor_parallel": layout["expert_tensor_parallel"],
             "data_parallel": layout["data_parallel"],
+            "optimizer_format": optimizer_format,
             "iteration": step,
             "start_fingerprint": start_fingerprint,  # what the run started from (not this model)
             "trainer": trainer_state,
@@ -186,10 +239,23 @@ def save_training_checkpoint(
     return final
 
 
+def _fully_parallel_save():
+    """megatron-core's save strategy with the writes of what is replicated over DP (the model,
+    and the optimizer state, which fully_reshardable gathers onto every DP rank) spread over the
+    DP ranks instead of all falling to DP rank 0 (Megatron-LM's default, --ckpt-fully-parallel-save)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), ps.get_data_parallel_group(with_context_parallel=True))
+
+
 def load_training_checkpoint(ckpt_dir: str | Path, *, model, optimizer) -> dict[str, Any]:
     """Load model, optimizer and (same TP/PP layout only) RNG state; returns the trainer state.
 
-    The data-parallel size may differ from the one that saved (model-space sharding).
+    Collective: every rank calls it. The DP size may always differ from the one that saved;
+    TP / PP / EP only for a `fully_reshardable` checkpoint (others are refused before loading,
+    see the module docstring). The optimizer state is read in the format it was written in.
     """
     from megatron.core import dist_checkpointing
 
@@ -200,19 +266,26 @@ def load_training_checkpoint(ckpt_dir: str | Path, *, model, optimizer) -> dict[
             f"{ckpt_dir}: a {meta.get('kind')!r} checkpoint without trainer state cannot be resumed",
             "resume from a checkpoint written by `lopd train`, or start a new run with model.start_from=" + str(ckpt_dir),
         )
-    _init_adam_state(optimizer)
     layout = _layout()
+    try:
+        check_resume_layout(ckpt_dir, meta, layout)
+    except ConfigError as exc:
+        exc.all_ranks = True  # every rank reads the same metadata: the CLI prints it once
+        raise
+    _init_adam_state(optimizer)
     same_model_layout = all(meta.get(k) == layout[k] for k in ("tensor_parallel", "pipeline_parallel"))
     model_sd = model.sharded_state_dict()
-    request = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIMIZER_METADATA)}
+    written_as = {"distrib_optim_sharding_type": optimizer_format(meta)}
+    request = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=written_as)}
     if same_model_layout:
         request["rng"] = _rng_sharded_object(None)
-    try:
-        state = dist_checkpointing.load(request, str(ckpt_dir))
-    except Exception as exc:  # megatron raises CheckpointingException / KeyError / RuntimeError
-        raise ArtifactError(f"{ckpt_dir}: cannot load the checkpoint ({type(exc).__name__}: {exc})", "resume from another checkpoint") from exc
-    model.load_state_dict(state["model"])
-    with torch.no_grad():  # megatron copies into views of leaf parameters, which autograd refuses
+    with trusted_te_extra_state():  # our own checkpoint: an fp8=delayed model's extra state is a pickle
+        try:
+            state = dist_checkpointing.load(request, str(ckpt_dir))
+        except Exception as exc:  # megatron raises CheckpointingException / KeyError / RuntimeError
+            raise ArtifactError(f"{ckpt_dir}: cannot load the checkpoint ({type(exc).__name__}: {exc})", "resume from another checkpoint") from exc
+        model.load_state_dict(state["model"])
+    with torch.no_grad(), _keep_adam_step_on_load(optimizer):  # no_grad: megatron copies into views of leaf parameters
         optimizer.load_state_dict(state["optimizer"])
     _set_adam_step(optimizer, int(meta["trainer"]["optimizer_updates"]))
     if same_model_layout and state.get("rng") is not None:
@@ -220,12 +293,35 @@ def load_training_checkpoint(ckpt_dir: str | Path, *, model, optimizer) -> dict[
     return meta["trainer"]
 
 
-def _torch_adams(optimizer) -> list[torch.optim.Optimizer]:
-    """The plain torch Adam/AdamW instances inside a Megatron optimizer (CPU runs; on GPU it
-    uses TE's FusedAdam, which keeps `step` in its param groups and needs none of this)."""
+def _with_torch_adam(optimizer) -> list:
+    """The Megatron optimizers (of a chain) around a plain torch Adam/AdamW (CPU runs; on GPU
+    megatron-core uses TE's FusedAdam, which keeps `step` in its param groups and needs none
+    of this)."""
     chain = getattr(optimizer, "chained_optimizers", [optimizer])
-    inner = [getattr(o, "optimizer", None) for o in chain]
-    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+    return [o for o in chain if isinstance(getattr(o, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _torch_adams(optimizer) -> list[torch.optim.Optimizer]:
+    return [o.optimizer for o in _with_torch_adam(optimizer)]
+
+
+@contextlib.contextmanager
+def _keep_adam_step_on_load(optimizer):
+    """megatron-core's distributed optimizer (0.16.1 to 0.19) loads `fully_reshardable` state by
+    copying every per-parameter state tensor of the inner optimizer from the checkpoint, which
+    never holds torch Adam's `step` (KeyError 'step'). During the load, a tensor the checkpoint
+    lacks keeps its live value (`_set_adam_step` then sets the step)."""
+    patched = [o for o in _with_torch_adam(optimizer) if hasattr(o, "_set_main_param_and_optimizer_states")]
+    for o in patched:
+        def set_states(model_param, tensors, o=o, set_states=o._set_main_param_and_optimizer_states):
+            set_states(model_param, {**o._get_main_param_and_optimizer_states(model_param), **tensors})
+
+        o._set_main_param_and_optimizer_states = set_states  # an instance attribute over the method
+    try:
+        yield
+    finally:
+        for o in patched:
+            del o._set_main_param_and_optimizer_states
 
 
 def _init_adam_state(optimizer) -> None:

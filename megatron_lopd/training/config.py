@@ -33,6 +33,8 @@ FP8_RECIPES = ("", "delayed", "current")
 RECOMPUTE = ("", "full", "selective")
 SCHEDULES = ("constant", "cosine")
 RESUME = ("auto", "none")  # or a checkpoint path
+EXPORT_DTYPES = ("auto", "bfloat16", "float16", "float32")
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")  # training/checkpointing.py says which does what
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ModelConfig:
     fp8_amax_history_len: int = 1024  # delayed scaling only
     recompute: str = ""  # "" | "full" | "selective" activation recompute
     use_te: str = "auto"  # auto: the Transformer Engine spec when TE imports and CUDA is present; "true" | "false"
+    export_dtype: str = "auto"  # the HF export's tensors and config.json: auto (the start model's) | bfloat16 | float16 | float32
 
 
 @dataclass
@@ -55,6 +58,9 @@ class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     expert_parallel: int = 1
+    # Tensor parallel inside each expert (MoE only). 1, as in the official MoE run: experts are
+    # small, and TP 4 x EP 8 on 8 GPUs is only possible when experts are not also split by TP.
+    expert_tensor_parallel: int = 1
     context_parallel: int = 1
     sequence_parallel: bool = False  # needs TE on GPU; requires tensor_parallel > 1
     use_distributed_optimizer: bool = True
@@ -62,13 +68,7 @@ class ParallelConfig:
     def runtime(self):
         from megatron_lopd.runtime import ParallelConfig as RuntimeParallel
 
-        return RuntimeParallel(
-            tensor_parallel=self.tensor_parallel,
-            pipeline_parallel=self.pipeline_parallel,
-            expert_parallel=self.expert_parallel,
-            context_parallel=self.context_parallel,
-            sequence_parallel=self.sequence_parallel,
-        )
+        return RuntimeParallel(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RuntimeParallel)})
 
 
 @dataclass
@@ -82,6 +82,14 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.1
     clip_grad: float = 1.0  # 0 disables clipping (the grad norm is still logged)
+    # Memory options of the official MoE run (megatron-core's own optimizer flags). Offload keeps
+    # `cpu_offload_fraction` of the Adam state and step on the CPU (needs the distributed
+    # optimizer); `overlap_cpu_offload` overlaps its device<->host copies with compute;
+    # `precision_aware` lets TE's FusedAdam keep main params and moments itself (needs TE).
+    cpu_offload: bool = False
+    cpu_offload_fraction: float = 1.0
+    overlap_cpu_offload: bool = True
+    precision_aware: bool = False
 
 
 @dataclass
@@ -103,6 +111,10 @@ class DataConfig:
     global_batch: int = 256  # sequences per optimizer step, all DP ranks together
     seq_length: int = 8192  # tokens per packed row; <= the model's context
     micro_batch_size: int = 1  # rows per micro-batch
+    # > 0: dynamic batching instead of fixed rows. A micro-batch is one packed row of up to this
+    # many tokens, trimmed to what it holds (a sequence longer than the budget gets a row of its
+    # own, up to seq_length); the number of micro-batches follows. The official MoE run: 12,288.
+    micro_batch_tokens: int = 0
     pack: bool = True  # several sequences per row (block-diagonal causal attention)
     trim_padding: bool = True  # trim micro-batches to their longest row (PP=1 only)
     pad_to_multiple: int = 8
@@ -120,6 +132,10 @@ class CheckpointConfig:
     # Comma-separated keys a resume may change (optimizer.lr, optimizer.min_lr, optimizer.clip_grad,
     # optimizer.weight_decay): applied from the resumed step on and recorded in manifest.json.
     resume_changes: str = ""
+    # The distributed optimizer's state in checkpoints: "dp_reshardable" (cheap; a resume may change
+    # the DP size only) | "fully_reshardable" (a resume may change TP / PP / EP too; gathers the
+    # state at every save). See training/checkpointing.py.
+    optimizer_format: str = "dp_reshardable"
 
 
 @dataclass
@@ -129,7 +145,7 @@ class LoggingConfig:
     wandb_project: str = ""  # W&B only when set and wandb imports
     wandb_entity: str = ""
     wandb_run_name: str = ""
-    peak_tflops: float = 0.0  # per-GPU dense peak for MFU; 0 = from the device name (H100/H200 bf16: 989)
+    peak_tflops: float = 0.0  # per-GPU dense peak for MFU; 0 = from the device name (H100 SXM bf16: 989, PCIe: 756)
     progress: bool = True  # tqdm bar on rank 0
     top1_agreement: bool = True  # read the store's top-k for the teacher top-1 agreement metric
 
@@ -175,6 +191,8 @@ class TrainConfig:
             ("model.fp8", self.model.fp8, FP8_RECIPES),
             ("model.recompute", self.model.recompute, RECOMPUTE),
             ("model.use_te", self.model.use_te, ("auto", "true", "false")),
+            ("model.export_dtype", self.model.export_dtype, EXPORT_DTYPES),
+            ("checkpoint.optimizer_format", self.checkpoint.optimizer_format, OPTIMIZER_FORMATS),
             ("schedule.kind", self.schedule.kind, SCHEDULES),
         )
         for key, value, allowed in choices:
@@ -212,7 +230,26 @@ class TrainConfig:
             raise ConfigError(f"loss {self.loss!r} reads data.{needs}, which is not set", f"pass data.{needs}=DIR")
         if self.parallel.sequence_parallel and self.parallel.tensor_parallel == 1:
             raise ConfigError("sequence_parallel needs tensor_parallel > 1", "set parallel.tensor_parallel>=2 or sequence_parallel=false")
+        self._validate_memory_options()
         return self
+
+    def _validate_memory_options(self) -> None:
+        o, d = self.optimizer, self.data
+        if o.cpu_offload and not self.parallel.use_distributed_optimizer:
+            raise ConfigError("optimizer.cpu_offload needs the distributed optimizer",
+                              "set parallel.use_distributed_optimizer=true or optimizer.cpu_offload=false")
+        if not 0 < o.cpu_offload_fraction <= 1:
+            raise ConfigError(f"optimizer.cpu_offload_fraction={o.cpu_offload_fraction} is outside (0, 1]", "use a fraction in (0, 1]")
+        if o.precision_aware and not self.parallel.use_distributed_optimizer:
+            raise ConfigError("optimizer.precision_aware needs the distributed optimizer",
+                              "set parallel.use_distributed_optimizer=true or optimizer.precision_aware=false")
+        if d.micro_batch_tokens < 0:
+            raise ConfigError(f"data.micro_batch_tokens={d.micro_batch_tokens} is negative", "use 0 (fixed rows) or a token budget")
+        if d.micro_batch_tokens and (not d.pack or self.parallel.pipeline_parallel > 1):
+            raise ConfigError(
+                "data.micro_batch_tokens (dynamic batching) needs data.pack=true and pipeline_parallel=1 "
+                "(pipeline stages exchange fixed shapes)",
+                "set data.micro_batch_tokens=0 and use data.micro_batch_size rows of data.seq_length tokens")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -395,9 +395,10 @@ class StepBatch:
     global_indices: np.ndarray  # all DP ranks
     rank_indices: np.ndarray
     micro_batches: list[MicroBatch]
-    row_length: int
+    row_length: int  # the longest micro-batch's row (all of them without dynamic batching)
     tokens: int  # real (non-padding) positions on this rank
     loss_tokens: int  # response-token targets on this rank
+    sequence_tokens: tuple[int, ...] = ()  # positions of each sequence on this rank (attention FLOPs)
 
 
 class TrainData:
@@ -411,6 +412,7 @@ class TrainData:
         seq_length: int,
         micro_batch_size: int,
         seed: int,
+        micro_batch_tokens: int = 0,
         dp_rank: int = 0,
         dp_size: int = 1,
         shuffle: bool = True,
@@ -429,6 +431,7 @@ class TrainData:
         self.global_batch = global_batch
         self.seq_length = seq_length
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens  # > 0: dynamic batching (config.DataConfig)
         self.seed = seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.shuffle, self.pack = shuffle, pack
@@ -492,19 +495,26 @@ class TrainData:
         """The step starting at stream position `consumed` for this rank (a pure function of it)."""
         global_idx = step_indices(len(self._lengths), consumed, self.global_batch, self.seed, self.shuffle)
         mine = split_across_ranks(global_idx, self._lengths, self.dp_size)[self.dp_rank]
-        rows = pack_rows(mine, self._lengths, self.seq_length, self.pack)
+        budget = self.micro_batch_tokens
+        rows = pack_rows(mine, self._lengths, budget or self.seq_length, self.pack)
         fetched = {s.index: s for s in self.source.fetch(sorted(int(i) for i in mine))}
         if self.vocab_size is not None:
             self._check_vocab(fetched.values())
-        used = [sum(max(int(self._lengths[i]) - 1, 1) for i in row) for row in rows]
-        row_length = self.seq_length
-        if self.trim_padding:
-            m = self.pad_to_multiple
-            row_length = min(self.seq_length, -(-max(used) // m) * m)
+        positions = {int(i): max(int(self._lengths[i]) - 1, 1) for i in mine}
+        used = [sum(positions[i] for i in row) for row in rows]
+        m = self.pad_to_multiple
+        if budget:  # dynamic batching: one row per micro-batch, each trimmed to what it holds
+            groups = [[row] for row in rows]
+            lengths = [-(-u // m) * m for u in used]
+        else:  # fixed micro-batches of micro_batch_size rows, all of one length
+            groups = [rows[start : start + self.micro_batch_size] for start in range(0, len(rows), self.micro_batch_size)]
+            row_length = min(self.seq_length, -(-max(used) // m) * m) if self.trim_padding else self.seq_length
+            lengths = [row_length] * len(groups)
+        rows_per_micro_batch = 1 if budget else self.micro_batch_size
         micro_batches = []
-        for start in range(0, len(rows), self.micro_batch_size):
-            group = [[fetched[i] for i in row] for row in rows[start : start + self.micro_batch_size]]
-            group += [[] for _ in range(self.micro_batch_size - len(group))]  # fixed B: empty rows are padding
+        for rows_of_mb, row_length in zip(groups, lengths):
+            group = [[fetched[i] for i in row] for row in rows_of_mb]
+            group += [[] for _ in range(rows_per_micro_batch - len(group))]  # fixed B: empty rows are padding
             micro_batches.append(
                 collate(
                     group,
@@ -522,9 +532,10 @@ class TrainData:
             global_indices=global_idx,
             rank_indices=mine,
             micro_batches=micro_batches,
-            row_length=row_length,
+            row_length=max(lengths),
             tokens=int(sum(used)),
             loss_tokens=int(sum(mb.num_loss_tokens for mb in micro_batches)),
+            sequence_tokens=tuple(positions[int(i)] for i in mine),
         )
 
     def _check_vocab(self, sequences) -> None:
@@ -645,12 +656,13 @@ class OfflineData:
 
         cfg, d, source, q = trainer.config, trainer.config.data, trainer.source, trainer.start.qwen3
         spec = loss_spec(cfg.loss)
-        if trainer.use_te and d.pack and d.micro_batch_size != 1:
+        if trainer.use_te and d.pack and d.micro_batch_size != 1 and not d.micro_batch_tokens:
             raise ConfigError("packed sequences on Transformer Engine need data.micro_batch_size=1", "set data.micro_batch_size=1 (raise seq_length instead)")
         # Top-k losses read the teacher's top-k; otherwise only its top-1 id, for the agreement metric.
         top_k = source.top_k if spec.needs_topk else 0
         return TrainData(
             source, global_batch=d.global_batch, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size, seed=d.seed,
+            micro_batch_tokens=d.micro_batch_tokens,
             dp_rank=trainer.dp_rank, dp_size=trainer.dp_size, shuffle=d.shuffle, pack=d.pack,
             trim_padding=d.trim_padding and cfg.parallel.pipeline_parallel == 1,  # pipeline stages exchange fixed shapes
             pad_to_multiple=row_multiple(cfg), with_teacher=spec.distills, top_k=top_k,

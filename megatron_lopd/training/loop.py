@@ -193,27 +193,13 @@ class Trainer:
         self.tconfig = tconfig
 
     def build_optimizer(self) -> None:
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        cfg, o, s = self.config, self.config.optimizer, self.config.schedule
-        bf16 = self.precision == "bf16"
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam",
-                lr=o.lr,
-                min_lr=o.min_lr,
-                weight_decay=o.weight_decay,
-                adam_beta1=o.adam_beta1,
-                adam_beta2=o.adam_beta2,
-                adam_eps=o.adam_eps,
-                clip_grad=o.clip_grad,
-                bf16=bf16,
-                params_dtype=torch.bfloat16 if bf16 else torch.float32,
-                use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-            ),
-            [self.model],
-        )
+        o, s = self.config.optimizer, self.config.schedule
+        # No gloo groups exist on GPU runs (runtime.init_distributed): the optimizer must not ask for them.
+        self.optimizer = get_megatron_optimizer(megatron_optimizer_config(self.config, self.precision), [self.model],
+                                                use_gloo_process_groups=not torch.cuda.is_available())
         decay = s.decay_steps or self.total_steps
         warmup = s.warmup_steps or round(s.warmup_fraction * decay)
         # The update of step n (1-based) uses the scheduler's value at num_steps = n: warmup
@@ -335,6 +321,7 @@ class Trainer:
             optimizer=self.optimizer,
             qwen3=self.start.qwen3,
             tokenizer_dir=self.start.tokenizer_dir,
+            optimizer_format=self.config.checkpoint.optimizer_format,
             trainer_state={
                 "step": self.step,
                 "nonfinite_steps": self.nonfinite_steps,
@@ -357,6 +344,30 @@ class Trainer:
                 thing.close()
         if self.lock is not None:
             self.lock.release()
+
+
+def megatron_optimizer_config(config: TrainConfig, precision: str):
+    """megatron-core's OptimizerConfig for our config (Adam; the MoE run's memory options)."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    o, bf16 = config.optimizer, precision == "bf16"
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        optimizer_cpu_offload=o.cpu_offload,
+        optimizer_offload_fraction=o.cpu_offload_fraction if o.cpu_offload else 0.0,
+        overlap_cpu_optimizer_d2h_h2d=o.cpu_offload and o.overlap_cpu_offload,
+        use_precision_aware_optimizer=o.precision_aware,
+    )
 
 
 def train(config: TrainConfig, data=None) -> RunSummary:

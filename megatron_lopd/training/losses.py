@@ -5,7 +5,10 @@ Layout: `logits` is what megatron-core 0.16.1 `GPTModel.forward(..., labels=None
 on each tensor-parallel rank. All per-position inputs are `[B, T]` (top-k: `[B, T, k]`),
 aligned with the logits: position t's logits predict `target_ids[:, t]`.
 Log-probs are at temperature 1 (raw logits), normalised over the full vocabulary
-(`vocab_parallel_log_probs`; no rank ever holds more than its own columns).
+(`vocab_parallel_log_probs`; no rank ever holds more than its own columns). That pass is
+the only vocabulary-sized work of every loss; it runs in `LossOptions.logit_chunks` token
+chunks, forward and backward, so its temporaries beyond the logits and their gradient stay
+at ~0.3x the float32 logits at the default 8 (benchmarks/bench_loss_memory.py).
 
 Losses (per response token, then reduced; `LOSSES` maps each name to its `LossSpec`: the
 token loss and what it reads):
@@ -74,7 +77,7 @@ import torch
 from torch import Tensor
 
 from megatron_lopd.errors import ArtifactError, ConfigError
-from megatron_lopd.training.vocab_parallel import VocabShard, vocab_parallel_log_probs
+from megatron_lopd.training.vocab_parallel import LOGIT_CHUNKS, VocabShard, check_chunks, vocab_parallel_log_probs
 
 TAIL_MIN_PROB = 1e-8
 LOG_TAIL_MIN_PROB = math.log(TAIL_MIN_PROB)
@@ -112,8 +115,12 @@ class LossOptions:
     advantage_clip: float | None = None  # lightning_opd only; None = paper-faithful
     reduction: str = "sequence_mean"  # or "token_mean"
     vocab_size: int | None = None  # real vocabulary when Megatron padded the output layer
+    # Token chunks of the vocabulary-sized softmax work: memory only, the results do not
+    # depend on it (training/vocab_parallel.py); 1 = all tokens at once (2.25x the fp32 logits).
+    logit_chunks: int = LOGIT_CHUNKS
 
     def __post_init__(self):
+        check_chunks(self.logit_chunks)
         if self.reduction not in REDUCTIONS:
             raise ConfigError(f"unknown loss reduction {self.reduction!r}", f"use one of {', '.join(REDUCTIONS)}")
         if self.advantage_clip is not None and not self.advantage_clip > 0:
@@ -220,7 +227,7 @@ def compute_loss(
     if options.advantage_clip is not None and not spec.clippable:
         raise ConfigError(f"advantage_clip applies to lightning_opd only, not {name!r}", "unset advantage_clip")
     _check_batch(logits, inputs, tp_group, options)
-    view = token_view(logits, inputs, tp_group=tp_group, vocab_size=options.vocab_size)
+    view = token_view(logits, inputs, tp_group=tp_group, vocab_size=options.vocab_size, chunks=options.logit_chunks)
     lengths, num_present = _sequence_lengths(inputs.seq_ids, view.mask)
     weights = _token_weights(inputs, view.mask, lengths, options)
     token_loss = spec.token_loss(view, options)
@@ -230,17 +237,19 @@ def compute_loss(
     return loss, metrics
 
 
-def token_view(logits: Tensor, inputs: LossInputs, *, tp_group=None, vocab_size: int | None = None) -> TokenView:
-    """One fused vocab-parallel pass: lpS of the targets and of the teacher's top-k + tail."""
+def token_view(
+    logits: Tensor, inputs: LossInputs, *, tp_group=None, vocab_size: int | None = None, chunks: int = LOGIT_CHUNKS
+) -> TokenView:
+    """One fused vocab-parallel pass, in `chunks` token chunks: lpS of the targets and of the teacher's top-k + tail."""
     mask = inputs.loss_mask.bool()
     shard = VocabShard.of(logits, tp_group, vocab_size)
     target = inputs.target_ids.masked_fill(~mask, 0)
     topk_ids = inputs.teacher_topk_ids
     if topk_ids is None:
-        out = vocab_parallel_log_probs(logits, target.unsqueeze(-1), shard)
+        out = vocab_parallel_log_probs(logits, target.unsqueeze(-1), shard, chunks=chunks)
     else:
         topk_ids = topk_ids.masked_fill(~mask.unsqueeze(-1), 0)
-        out = vocab_parallel_log_probs(logits, torch.cat([target.unsqueeze(-1), topk_ids], -1), shard, topk_ids)
+        out = vocab_parallel_log_probs(logits, torch.cat([target.unsqueeze(-1), topk_ids], -1), shard, topk_ids, chunks=chunks)
     student_coarse = teacher_coarse = None
     teacher_top1 = None if inputs.teacher_top1_ids is None else inputs.teacher_top1_ids.masked_fill(~mask, 0)
     if topk_ids is not None:

@@ -10,6 +10,7 @@ exactly one line per step.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -38,7 +39,7 @@ METRIC_KEYS: dict[str, str] = {
     "sequences": "sequences in this step's global batch",
     "tokens_per_s": "tokens / step wall time",
     "step_time_s": "wall time of the step (data wait, forward, backward, optimizer)",
-    "mfu": "model FLOPs utilisation on GPU (null on CPU): tokens_per_s * training FLOPs per token / (GPUs * peak)",
+    "mfu": "model FLOPs utilisation on GPU (null on CPU or an unknown device): the step's training FLOPs (attention per packed sequence) / step time / (GPUs * dense peak)",
     "skipped": "true when the loss or gradient was NaN/inf and the update was skipped",
     "teacher_nonfinite": "response tokens of this step with a NaN/inf teacher log-prob (the step is then skipped)",
     "nonfinite_steps": "skipped steps so far in the run",
@@ -46,32 +47,42 @@ METRIC_KEYS: dict[str, str] = {
     "epoch": "epochs of the data consumed (fractional)",
 }
 
-# Dense peak TFLOP/s per GPU by (device name fragment, precision). Spec sheet numbers.
-_PEAK_TFLOPS = {
-    ("H200", "bf16"): 989.0,
-    ("H100", "bf16"): 989.0,
-    ("H200", "fp8"): 1979.0,
-    ("H100", "fp8"): 1979.0,
-    ("A100", "bf16"): 312.0,
-    ("B200", "bf16"): 2250.0,
-    ("B200", "fp8"): 4500.0,
-}
+# Dense (not sparse) peak TFLOP/s per GPU, from the spec sheets: (fragment of
+# torch.cuda.get_device_name(), bf16, fp8). First match wins: the PCIe / NVL variants of a chip
+# come before its SXM name, which they contain ("NVIDIA H100 PCIe" vs "NVIDIA H100 80GB HBM3").
+_PEAK_TFLOPS = (
+    ("H100 PCIE", 756.0, 1513.0),
+    ("H100 NVL", 835.0, 1671.0),
+    ("H200 NVL", 835.0, 1671.0),
+    ("H800 PCIE", 756.0, 1513.0),
+    ("GH200", 989.0, 1979.0),
+    ("H100", 989.0, 1979.0),
+    ("H200", 989.0, 1979.0),
+    ("H800", 989.0, 1979.0),
+    ("B200", 2250.0, 4500.0),
+    ("A100", 312.0, None),  # no FP8 units
+)
 
 
 def peak_tflops(device_name: str, precision: str, override: float = 0.0) -> float | None:
-    """Per-GPU dense peak for the MFU denominator; None when unknown (MFU then null)."""
+    """Per-GPU dense peak for the MFU denominator (`precision`: bf16 | fp8); None when unknown:
+    MFU is then null, and a one-time hint says how to set it."""
     if override > 0:
         return override
-    for (fragment, prec), value in _PEAK_TFLOPS.items():
-        if fragment in device_name and prec == precision:
-            return value
+    name = device_name.upper()
+    for fragment, bf16, fp8 in _PEAK_TFLOPS:
+        if fragment in name:
+            return bf16 if precision == "bf16" else fp8
+    logging.getLogger("megatron_lopd.train").warning(
+        "MFU is not logged: no peak TFLOP/s known for %r; set logging.peak_tflops=<dense %s TFLOP/s per GPU>", device_name, precision)
     return None
 
 
-def mfu(tokens_per_s: float, train_flops_per_token: float, num_gpus: int, peak_tflops_per_gpu: float | None) -> float | None:
-    if not peak_tflops_per_gpu or tokens_per_s <= 0:
+def mfu(train_flops_per_s: float, num_gpus: int, peak_tflops_per_gpu: float | None) -> float | None:
+    """Model FLOPs utilisation: the step's training FLOPs per second over the GPUs' peak."""
+    if not peak_tflops_per_gpu or train_flops_per_s <= 0:
         return None
-    return tokens_per_s * train_flops_per_token / (num_gpus * peak_tflops_per_gpu * 1e12)
+    return train_flops_per_s / (num_gpus * peak_tflops_per_gpu * 1e12)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

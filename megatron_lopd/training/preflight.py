@@ -70,15 +70,17 @@ def resolve_start_model(config: TrainConfig) -> StartModel:
 
 
 def row_multiple(config: TrainConfig) -> int:
-    """Rows are padded to a multiple of this: sequence parallel splits the token dimension across
-    TP ranks; FP8 GEMMs need multiples of 16 tokens. Untrimmed rows are seq_length: it must divide."""
-    multiple = config.data.pad_to_multiple
-    if config.parallel.sequence_parallel:
-        multiple = math.lcm(multiple, config.parallel.tensor_parallel)
-    if config.model.fp8:
-        multiple = math.lcm(multiple, 16)
-    if config.data.seq_length % multiple and (config.parallel.sequence_parallel or config.model.fp8):
-        raise ConfigError(f"data.seq_length={config.data.seq_length} must be a multiple of {multiple} with sequence parallel / FP8",
+    """Rows are padded (or trimmed) to a multiple of this, for every layout:
+
+    - sequence parallel splits each row's tokens evenly over the TP ranks: TP divides it;
+    - FP8 GEMMs (TE) need token counts that are multiples of 16; with sequence parallel TE checks
+      each rank's local tokens (row / TP), before the all-gather, for multiples of 8.
+    So FP8 + SP at TP 4 needs rows of 32k tokens, at TP 8 of 64k (16 alone failed half and
+    three quarters of the row lengths). Untrimmed rows are seq_length: it must be a multiple."""
+    tp, sp, fp8 = config.parallel.tensor_parallel, config.parallel.sequence_parallel, bool(config.model.fp8)
+    multiple = math.lcm(config.data.pad_to_multiple, tp if sp else 1, 16 if fp8 else 1, 8 * tp if sp and fp8 else 1)
+    if config.data.seq_length % multiple and (sp or fp8):
+        raise ConfigError(f"data.seq_length={config.data.seq_length} must be a multiple of {multiple} with sequence parallel / FP8 at TP {tp}",
                           f"set data.seq_length to a multiple of {multiple}")
     return multiple
 
@@ -88,7 +90,10 @@ def check_layout(config: TrainConfig, start: StartModel, source, world_size: int
     from megatron_lopd.models.qwen3 import check_parallel_layout
 
     q, par = start.qwen3, config.parallel
-    check_parallel_layout(q, par.tensor_parallel, par.pipeline_parallel, par.expert_parallel, where=start.where)
+    check_parallel_layout(q, par.tensor_parallel, par.pipeline_parallel, par.expert_parallel, etp=par.expert_tensor_parallel, where=start.where)
+    if q.is_moe and par.expert_parallel > 1 and par.tensor_parallel > 1 and not par.sequence_parallel:
+        raise ConfigError(f"{start.where}: expert parallel with tensor parallel needs sequence parallel (megatron-core's MoE layers)",
+                          "set parallel.sequence_parallel=true")
     if config.data.seq_length > q.max_position_embeddings:
         raise ConfigError(f"data.seq_length={config.data.seq_length} is longer than the model's context ({q.max_position_embeddings} positions)",
                           f"set data.seq_length <= {q.max_position_embeddings}")
@@ -183,18 +188,28 @@ def check_environment(config: TrainConfig) -> None:
     """What this machine must offer (the trainer calls it on every rank, before anything starts)."""
     import torch
 
-    from megatron_lopd.models.qwen3 import te_available
+    from megatron_lopd.models.qwen3 import te_unavailable_reason
 
-    needs = [w for w, on in (("FP8", bool(config.model.fp8)), ("sequence parallel", config.parallel.sequence_parallel)) if on]
-    if config.model.use_te == "true":
-        needs.append("model.use_te=true")
-    if needs and not te_available():
+    needs = [w for w, on in (("FP8", bool(config.model.fp8)), ("sequence parallel", config.parallel.sequence_parallel),
+                             ("model.use_te=true", config.model.use_te == "true"),
+                             ("optimizer.precision_aware (TE's FusedAdam)", config.optimizer.precision_aware)) if on]
+    why_not = te_unavailable_reason()
+    if needs and why_not:
         raise ConfigError(
-            f"{' and '.join(needs)} requested, but Transformer Engine is not usable here "
-            f"({'no CUDA device' if not torch.cuda.is_available() else 'transformer_engine does not import'})",
+            f"{' and '.join(needs)} requested, but Transformer Engine is not usable here ({why_not})",
             "run on a GPU node with transformer-engine installed (pip install 'megatron-lopd[te]'), "
-            "or set model.fp8= parallel.sequence_parallel=false model.use_te=auto",
+            "or set model.fp8= parallel.sequence_parallel=false model.use_te=auto optimizer.precision_aware=false",
         )
+    if config.model.fp8 == "current" and not why_not:
+        from transformer_engine.common import recipe
+
+        if not hasattr(recipe, "Float8CurrentScaling"):
+            import transformer_engine
+
+            raise ConfigError(f"model.fp8=current needs Float8CurrentScaling, which Transformer Engine {transformer_engine.__version__} lacks",
+                              "upgrade transformer-engine (>= 2.2), or set model.fp8=delayed")
+    if config.optimizer.cpu_offload and not torch.cuda.is_available():
+        raise ConfigError("optimizer.cpu_offload moves the optimizer off a GPU, and this machine has none", "set optimizer.cpu_offload=false")
     if config.logging.wandb_project:
         try:
             import wandb  # noqa: F401  (the import is the check)

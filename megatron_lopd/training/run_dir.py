@@ -10,8 +10,9 @@ Three rules, checked on rank 0 before any compute:
   lives; the lock of a dead or requeued job is taken over).
 - The recorded config is the config used. A resume compares the config and the inputs'
   fingerprints with what the checkpoint recorded. Some fields may change freely (how long to
-  train, checkpoint cadence, logging, memory knobs), a few only when named in
-  `checkpoint.resume_changes` (then applied and logged), and the rest are refused.
+  train, checkpoint cadence, logging, memory knobs), the parallel layout when the checkpoint
+  can be resharded to it, a few only when named in `checkpoint.resume_changes` (then applied
+  and logged), and the rest are refused.
 """
 
 from __future__ import annotations
@@ -27,12 +28,19 @@ log = logging.getLogger("megatron_lopd.train")
 
 RUN_KIND = "run"
 # May differ between a checkpoint and its resume: they change neither the model nor the data
-# order (`data.micro_batch_size`, `model.recompute`: memory, same math up to rounding).
+# order (micro-batching, recompute, sequence parallel, optimizer offload and precision-aware
+# Adam: memory and speed, the same math up to rounding).
 FREE_ON_RESUME = (
     "run_dir", "train_steps", "epochs", "max_consecutive_nonfinite", "checkpoint.", "logging.",
-    "data.prefetch", "data.micro_batch_size", "data.trim_padding", "data.pad_to_multiple", "model.recompute",
+    "data.prefetch", "data.micro_batch_size", "data.micro_batch_tokens", "data.trim_padding", "data.pad_to_multiple",
+    "model.recompute", "model.export_dtype", "parallel.sequence_parallel",
+    "optimizer.cpu_offload", "optimizer.cpu_offload_fraction", "optimizer.overlap_cpu_offload", "optimizer.precision_aware",
     "model.start_from", "data.store", "data.sft_data",  # compared by content fingerprint below, not by path
 )
+# The model's parallel layout: free when the checkpoint's optimizer state can be resharded to
+# it (checkpointing.check_resume_layout), refused otherwise. Data parallel follows the launch.
+LAYOUT_ON_RESUME = ("parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.expert_parallel",
+                    "parallel.expert_tensor_parallel")
 # May change on resume when named in checkpoint.resume_changes; applied to the optimizer.
 CHANGEABLE_ON_REQUEST = ("optimizer.lr", "optimizer.min_lr", "optimizer.clip_grad", "optimizer.weight_decay")
 # The inputs' content fingerprints in the run's provenance record.
@@ -90,8 +98,9 @@ def resume_changes(checkpoint: Path, trainer_state: dict[str, Any], config, inpu
     """Compare what `checkpoint` was trained with to what this run asks for.
 
     Returns the changes to apply (key -> [old, new]) from `CHANGEABLE_ON_REQUEST` that
-    `checkpoint.resume_changes` names, plus the free ones (recorded only). Raises ConfigError
-    for any other change, one line naming the first key with both values and the fix.
+    `checkpoint.resume_changes` names, plus the free ones and a parallel layout the checkpoint
+    can be resharded to (recorded only). Raises ConfigError for any other change, one line
+    naming the first key with both values (or both layouts) and the fix.
     """
     recorded_cfg, recorded_inputs = trainer_state.get("config"), trainer_state.get("inputs")
     if recorded_cfg is None:
@@ -108,12 +117,16 @@ def resume_changes(checkpoint: Path, trainer_state: dict[str, Any], config, inpu
         if old.get(key) == new.get(key):
             continue
         changes[key] = [old.get(key), new.get(key)]
-        if key.startswith(FREE_ON_RESUME) or key in requested:
+        if key.startswith(FREE_ON_RESUME) or key in requested or key in LAYOUT_ON_RESUME:
             continue
         fix = (f"resume with {key}={old.get(key)} and name it in checkpoint.resume_changes={key} to change it"
                if key in CHANGEABLE_ON_REQUEST else
                f"resume with {key}={old.get(key)!r}, or start a new run_dir with model.start_from={checkpoint}")
         raise ConfigError(f"{checkpoint}: was trained with {key}={old.get(key)!r}, this run asks for {new.get(key)!r}", fix)
+    from megatron_lopd.training.checkpointing import METADATA_NAME, check_resume_layout
+
+    meta = json.loads((Path(checkpoint) / METADATA_NAME).read_text())  # preflight has read and checked it
+    check_resume_layout(checkpoint, meta, {key.split(".")[1]: new.get(key) for key in LAYOUT_ON_RESUME})
     for key in _INPUT_FINGERPRINTS:
         a, b = (recorded_inputs or {}).get(key), inputs.get(key)
         if recorded_inputs is not None and a != b:

@@ -36,7 +36,7 @@ class TrainStep:
     vocab_size: int
     use_te: bool
     is_last_stage: bool
-    flops_per_token: Callable[[int], float]  # training FLOPs per token at a row length
+    flops_per_token: Callable[[int], float]  # training FLOPs per token of a sequence of that length
     peak_tflops: float | None = None  # per GPU; None: no MFU (CPU, unknown device)
     # The stop signal this rank got so far (0: none), read when the step ends so that a signal
     # arriving mid-step stops the run after this step; agreed across ranks.
@@ -88,7 +88,7 @@ class TrainStep:
         outputs = get_forward_backward_func()(
             forward_step_func=self.forward_step, data_iterator=iter(batch.micro_batches), model=[self.model],
             num_microbatches=len(batch.micro_batches), seq_length=batch.row_length,
-            micro_batch_size=self.config.data.micro_batch_size, forward_only=False,
+            micro_batch_size=batch.micro_batches[0].input_ids.shape[0], forward_only=False,
         )
         sums = self.reduce(outputs)
         loss = sums.get("loss", float("nan"))
@@ -101,21 +101,25 @@ class TrainStep:
             groups = self.optimizer.param_groups
             lr = float(groups[0]["lr"]) if groups else self.config.optimizer.lr
             finite = bool(self.optimizer.step()[0])
+        if self.device.type == "cuda":  # the optimizer's kernels are queued: the step ends when they ran
+            torch.cuda.synchronize(self.device)
         # Every rank measures its own time (data wait included); the slowest defines the step.
         # The same all-reduce tells every rank whether any of them got a stop signal.
         agreed = torch.tensor([time.perf_counter() - t0 + batch.wait_s, float(self.stop_signal())], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
         step_time, agreed_signal = float(agreed[0].item()), int(agreed[1].item())
-        tokens = torch.tensor([batch.tokens], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(tokens, group=ps.get_data_parallel_group())
-        tokens = int(tokens.item())
+        # Attention FLOPs grow with each packed sequence's own length, not the row's.
+        flops = sum(n * self.flops_per_token(n) for n in batch.sequence_tokens)
+        totals = torch.tensor([batch.tokens, flops], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(totals, group=ps.get_data_parallel_group())
+        tokens, flops = int(totals[0].item()), float(totals[1].item())
         tokens_per_s = tokens / step_time if step_time > 0 else 0.0
         n_tok = sums.get("tokens", 0.0)
         mfu = None
         if self.peak_tflops is not None:
             from megatron_lopd.training.metrics_log import mfu as model_flops_utilisation
 
-            mfu = model_flops_utilisation(tokens_per_s, self.flops_per_token(batch.row_length), torch.distributed.get_world_size(), self.peak_tflops)
+            mfu = model_flops_utilisation(flops / step_time if step_time > 0 else 0.0, torch.distributed.get_world_size(), self.peak_tflops)
         return {
             "step": step,
             "loss": loss,

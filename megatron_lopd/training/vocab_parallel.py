@@ -28,6 +28,16 @@ output layer then all-reduces the gradient of its input itself). The softmax is
 recomputed from the saved logits rather than stored, so the saved state is the logits
 (in their own dtype), the ids and three floats per position.
 
+Memory. The vocabulary-sized work (shifted logits and their exp, with a bool mask, in
+forward; the softmax, its scaling and a bool mask in backward; all float32, whatever the
+logits' dtype) runs in `chunks` token chunks, each filling its rows of per-token buffers
+(or of the gradient) before the next starts; the collectives still run once, on those
+buffers. A chunk holds at most 2.25 float32 chunk-sized temporaries, so with the default
+LOGIT_CHUNKS = 8 the temporaries beyond the logits and their gradient stay at ~0.3x the
+float32 logits at any token count, bf16 logits included (one chunk: 2.25x; see
+benchmarks/bench_loss_memory.py). Chunking only splits independent rows, so the results
+do not depend on it.
+
 `rest` is exact, not `log(1 - sum p(ids))`: the excluded columns are zeroed before the
 sum, so a tail of 1e-9 keeps float32 relative precision instead of drowning in
 cancellation. Columns at or beyond `shard.vocab_size` (Megatron's vocabulary padding) are
@@ -102,38 +112,58 @@ class VocabLogProbs:
     lse: torch.Tensor  # [...] float32
 
 
+# Token chunks of the vocabulary-sized work: bounds its temporaries to a fixed fraction of
+# the logits whatever the token count (module docstring); more chunks only cost launches.
+LOGIT_CHUNKS = 8
+
+
+def _token_chunks(num_tokens: int, chunks: int) -> list[slice]:
+    """At most `chunks` consecutive row slices of equal size (the last may be shorter)."""
+    size = max(1, -(-num_tokens // chunks))
+    return [slice(i, min(i + size, num_tokens)) for i in range(0, num_tokens, size)]
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ids, exclude_ids, shard: VocabShard):
-        z = logits.float()  # may alias fp32 logits: never written to
+    def forward(ctx, logits, ids, exclude_ids, shard: VocabShard, chunks: int):
+        lead = logits.shape[:-1]
+        # A view for Megatron's contiguous logits and column slices of them (a copy only for a
+        # layout whose leading dims do not merge).
+        rows = logits.reshape(-1, shard.size)
+        row_ids = ids.reshape(rows.shape[0], ids.shape[-1])
+        row_exclude = None if exclude_ids is None else exclude_ids.reshape(rows.shape[0], exclude_ids.shape[-1])
         valid = shard.valid
-        lead = z.shape[:-1]
         if valid > 0:
-            local_max, local_arg = z[..., :valid].max(-1)
+            local_max, local_arg = rows[:, :valid].max(-1)
+            local_max = local_max.float()
         else:  # this rank holds only vocabulary padding
-            local_max = z.new_full(lead, float("-inf"))
-            local_arg = torch.zeros(lead, dtype=torch.long, device=z.device)
+            local_max = rows.new_full(rows.shape[:1], float("-inf"), dtype=torch.float32)
+            local_arg = torch.zeros(rows.shape[:1], dtype=torch.long, device=rows.device)
         m = shard.all_reduce(local_max.clone(), dist.ReduceOp.MAX)
 
-        shifted = z - m.unsqueeze(-1)
-        e = shifted.exp()
-        if valid < shard.size:
-            e[..., valid:] = 0
-        sum_exp = e.sum(-1)
-        # entropy = log S - sum(e * shifted) / S, with S = sum(e): both terms O(log V).
-        # Zero-probability columns (padding, -inf logits) must add 0, not 0 * -inf.
-        e_shifted = torch.linalg.vecdot(e, shifted.masked_fill_(e == 0, 0))
-        del shifted
-        if exclude_ids is None:
-            sum_exp_rest = sum_exp
-        else:
-            e.masked_fill_(shard.excluded_mask(exclude_ids, z.shape), 0)
-            sum_exp_rest = e.sum(-1)
-        del e
-        idx, is_local = shard.local(ids)
-        picked = torch.where(is_local, z.gather(-1, idx), 0)
-        stats = shard.all_reduce(torch.cat([torch.stack([sum_exp, sum_exp_rest, e_shifted], -1), picked], -1))
+        # Per row: sum-exp, sum-exp outside exclude_ids, entropy term, then the picked logits.
+        stats = rows.new_empty((rows.shape[0], 3 + row_ids.shape[-1]), dtype=torch.float32)
+        for span in _token_chunks(rows.shape[0], chunks):
+            shifted = rows[span] - m[span, None]  # float32 (type promotion), no float32 copy of bf16 logits
+            e = shifted.exp()
+            if valid < shard.size:
+                e[:, valid:] = 0
+            stats[span, 0] = e.sum(-1)
+            # entropy = log S - sum(e * shifted) / S, with S = sum(e): both terms O(log V).
+            # Zero-probability columns (padding, -inf logits) must add 0, not 0 * -inf.
+            stats[span, 2] = shifted.masked_fill_(e == 0, 0).mul_(e).sum(-1)
+            del shifted
+            if row_exclude is None:
+                stats[span, 1] = stats[span, 0]
+            else:
+                e.masked_fill_(shard.excluded_mask(row_exclude[span], e.shape), 0)
+                stats[span, 1] = e.sum(-1)
+            del e
+        idx, is_local = shard.local(row_ids)
+        stats[:, 3:] = torch.where(is_local, rows.gather(-1, idx).float(), 0)
+        stats = shard.all_reduce(stats).view(*lead, stats.shape[-1])
         sum_exp, sum_exp_rest, e_shifted, picked = stats[..., 0], stats[..., 1], stats[..., 2], stats[..., 3:]
+        m, local_max, local_arg = m.view(lead), local_max.view(lead), local_arg.view(lead)
 
         # Log-probs as (z - m) - log S, never z - (m + log S): with logits ~20 the rounding of
         # m + log S alone would cost ~1e-6 absolute on every log-prob.
@@ -144,7 +174,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         argmax = shard.all_reduce(candidate, dist.ReduceOp.MIN)
 
         lse = m + log_s
-        ctx.shard = shard
+        ctx.shard, ctx.chunks = shard, chunks
         ctx.save_for_backward(logits, ids, exclude_ids, m, log_s, log_s_rest)
         ctx.mark_non_differentiable(argmax, entropy, lse)
         return (picked - m.unsqueeze(-1)) - log_s.unsqueeze(-1), log_s_rest - log_s, argmax, entropy, lse
@@ -153,21 +183,36 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     def backward(ctx, g_ids, g_rest, _g_argmax, _g_entropy, _g_lse):
         logits, ids, exclude_ids, m, log_s, log_s_rest = ctx.saved_tensors
         shard: VocabShard = ctx.shard
-        p = (logits.float() - m.unsqueeze(-1)).sub_(log_s.unsqueeze(-1)).exp_()
-        if shard.valid < shard.size:
-            p[..., shard.valid :] = 0
+        rows = logits.reshape(-1, shard.size)
+        n = rows.shape[0]
+        m, log_s, log_s_rest, g_rest = m.reshape(n, 1), log_s.reshape(n, 1), log_s_rest.reshape(n), g_rest.reshape(n)
+        g_ids = g_ids.reshape(n, ids.shape[-1])
+        idx, is_local = shard.local(ids.reshape(n, ids.shape[-1]))
+        g_local = torch.where(is_local, g_ids, 0)
         coef = -(g_ids.sum(-1) + g_rest)  # every column: -p_v * (sum g_ids + g_rest)
         if exclude_ids is None:
-            scale = (coef + g_rest).unsqueeze(-1)  # q == p
+            kept = coef + g_rest  # q == p
         else:
             # q_v = p_v * S / S_rest off the excluded columns; an empty rest has no q.
-            ratio = torch.where(torch.isfinite(log_s_rest), (log_s - log_s_rest).exp(), 0)
-            kept = (coef + g_rest * ratio).unsqueeze(-1)
-            scale = torch.where(shard.excluded_mask(exclude_ids, p.shape), coef.unsqueeze(-1), kept)
-        grad = p.mul_(scale)
-        idx, is_local = shard.local(ids)
-        grad.scatter_add_(-1, idx, torch.where(is_local, g_ids, 0))
-        return grad.to(logits.dtype), None, None, None
+            ratio = torch.where(torch.isfinite(log_s_rest), (log_s[:, 0] - log_s_rest).exp(), 0)
+            kept = coef + g_rest * ratio
+            row_exclude = exclude_ids.reshape(n, exclude_ids.shape[-1])
+        coef, kept = coef.unsqueeze(-1), kept.unsqueeze(-1)
+        grad = torch.empty(rows.shape, dtype=logits.dtype, device=logits.device)
+        in_place = grad.dtype == torch.float32  # else a float32 chunk, rounded into grad once
+        for span in _token_chunks(n, ctx.chunks):
+            p = torch.sub(rows[span], m[span], out=grad[span] if in_place else None).sub_(log_s[span]).exp_()
+            if shard.valid < shard.size:
+                p[:, shard.valid :] = 0
+            if exclude_ids is None:
+                p.mul_(kept[span])
+            else:
+                p.mul_(torch.where(shard.excluded_mask(row_exclude[span], p.shape), coef[span], kept[span]))
+            p.scatter_add_(-1, idx[span], g_local[span])
+            if not in_place:
+                grad[span] = p
+            del p
+        return grad.view(logits.shape), None, None, None, None
 
 
 def check_ids(ids: torch.Tensor, shard: VocabShard, what: str = "token ids") -> None:
@@ -182,21 +227,30 @@ def check_ids(ids: torch.Tensor, shard: VocabShard, what: str = "token ids") -> 
         )
 
 
+def check_chunks(chunks: int) -> None:
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ConfigError(f"logit chunks {chunks!r} must be a positive integer", f"use e.g. {LOGIT_CHUNKS} (1 = no chunking)")
+
+
 def vocab_parallel_log_probs(
     logits: torch.Tensor,
     ids: torch.Tensor,
     shard: VocabShard,
     exclude_ids: torch.Tensor | None = None,
+    *,
+    chunks: int = LOGIT_CHUNKS,
 ) -> VocabLogProbs:
     """Full-vocabulary log-probs of `ids` [..., n] (and of the complement of `exclude_ids`
     [..., k]) from this rank's logit columns [..., V_local]; see the module docstring.
 
     Every id must be a real vocabulary id (checked): mask garbage positions before calling.
+    `chunks`: token chunks of the vocabulary-sized work (memory only; 1 = all at once).
     """
     check_ids(ids, shard)
     if exclude_ids is not None:
         check_ids(exclude_ids, shard, "excluded ids")
-    out = _VocabParallelLogProbs.apply(logits, ids, exclude_ids, shard)
+    check_chunks(chunks)
+    out = _VocabParallelLogProbs.apply(logits, ids, exclude_ids, shard, chunks)
     return VocabLogProbs(*out)
 
 

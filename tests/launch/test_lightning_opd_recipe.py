@@ -33,6 +33,41 @@ def test_factories_carry_the_paper_settings():
     assert isinstance(small, PipelineConfig)
 
 
+@pytest.mark.parametrize("factory, shape", [(qwen3_8b, "qwen3_8b"), (qwen3_4b, "qwen3_4b"), (qwen3_30b_a3b, "qwen3_30b_a3b")])
+def test_each_factory_layout_fits_its_model_and_node(factory, shape):
+    """The SFT and OPD stages of each paper factory resolve to a trainer config whose layout splits
+    the student's shape and its world (nodes x GPUs), and whose optimizer options reach
+    megatron-core's OptimizerConfig. (MoE: TP 4 x EP 8 on 8 GPUs only works with expert TP 1.)"""
+    from megatron_lopd.models.qwen3 import named_config
+    from megatron_lopd.pipeline.stages import _train_overrides
+    from megatron_lopd.training.config import resolve_config
+    from megatron_lopd.training.loop import megatron_optimizer_config
+    from megatron_lopd.training.preflight import StartModel, check_layout, row_multiple
+
+    config = pipeline_config(factory())
+    start = StartModel("named", None, named_config(shape), None, None, None)
+    paths = {"model.start_from": "/m", "data.store": "/s", "data.sft_data": "/d"}
+    for settings in (config.sft, config.trainer):
+        train = resolve_config(settings.config, _train_overrides(settings, paths))
+        world = settings.nproc_per_node * settings.nnodes
+        dp = check_layout(train, start, None, world)
+        assert dp * train.parallel.tensor_parallel * train.parallel.pipeline_parallel == world
+        assert row_multiple(train) % train.parallel.tensor_parallel == 0
+        moe = shape == "qwen3_30b_a3b"
+        assert (train.optimizer.cpu_offload, train.optimizer.precision_aware) == (moe, moe)
+        # megatron-core's OptimizerConfig asks TE's version for the precision-aware optimizer: off here.
+        train.optimizer.precision_aware = False
+        mcore = megatron_optimizer_config(train, "bf16")
+        assert mcore.optimizer_cpu_offload == moe and not mcore.use_precision_aware_optimizer
+        if moe:
+            assert train.parallel.expert_tensor_parallel == 1 and train.parallel.expert_parallel == 8
+            assert (mcore.optimizer_offload_fraction, mcore.overlap_cpu_optimizer_d2h_h2d) == (1.0, True)
+            assert (train.model.recompute, train.data.micro_batch_tokens) == ("full", 12288)
+            moe_etp4 = resolve_config(settings.config, _train_overrides(settings, {**paths, "parallel.expert_tensor_parallel": 4}))
+            with pytest.raises(Exception, match="not divisible by expert TP 4 x EP 8 x PP 1 = 32"):
+                check_layout(moe_etp4, start, None, world)
+
+
 def test_each_stage_gets_its_own_environment_and_executor(tmp_path, monkeypatch):
     """Per-stage environments: a container image for training, a venv for generation; the SLURM
     job script of a stage (nemo-run dry run) carries the pyxis flags and the stage's node count."""

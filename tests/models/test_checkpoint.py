@@ -132,6 +132,33 @@ def test_export_loads_in_transformers(tiny_hf_dir, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "back")(text)["input_ids"] == AutoTokenizer.from_pretrained(tiny_hf_dir)(text)["input_ids"]
 
 
+def test_export_dtype_agrees_with_its_config(tiny_hf_dir, tmp_path):
+    """A model trained in fp32 (on CPU) from a base model that ships bf16: the export's tensors are
+    the config's dtype by default (not fp32 under a bf16 label), or the one asked for, and
+    config.json says what the tensors are."""
+    from megatron_lopd.cli import main
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_hf_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16", "dtype": "bfloat16"}))
+    convert_from_hf(base, tmp_path / "ckpt")  # fp32 tensors, a config that says bf16
+    original = _tensors(base)
+    assert {t.dtype for t in original.values()} == {torch.float32}
+    for dtype, cli in ((None, []), ("float32", ["--dtype", "float32"]), ("float16", ["--dtype", "float16"])):
+        out = tmp_path / f"out-{dtype}"
+        assert main(["convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), *cli]) == 0
+        want = getattr(torch, dtype or "bfloat16")
+        exported = _tensors(out)
+        assert all(exported[k].dtype == want and torch.equal(exported[k], v.to(want)) for k, v in original.items())
+        written = json.loads((out / "config.json").read_text())
+        assert written["torch_dtype"] == written["dtype"] == (dtype or "bfloat16")  # the base had both keys
+        assert {k: v for k, v in written.items() if k not in ("torch_dtype", "dtype")} == {
+            k: v for k, v in config.items() if k not in ("torch_dtype", "dtype")}
+    with pytest.raises(ConfigError, match="export dtype 'int8' is not one of"):
+        convert_to_hf(tmp_path / "ckpt", tmp_path / "bad", dtype="int8")
+
+
 def test_row_reads_match_full_reads(tiny_hf_dir):
     weights = HFWeights(tiny_hf_dir)
     full = weights.read("model.embed_tokens.weight")

@@ -108,8 +108,14 @@ def test_parallel_layout_checks():
     for kwargs, what in [({"tp": 16}, "key/value heads"), ({"tp": 3}, "attention heads"), ({"tp": 1, "pp": 5}, "layers"), ({"tp": 1, "ep": 2}, "dense")]:
         with pytest.raises(ConfigError, match=what):
             check_parallel_layout(config, **kwargs)
+    moe = named_config("qwen3_30b_a3b")  # 32 heads, 4 kv heads, 128 experts of FFN 768
     with pytest.raises(ConfigError, match="experts"):
-        check_parallel_layout(named_config("qwen3_30b_a3b"), tp=1, ep=3)
+        check_parallel_layout(moe, tp=1, ep=3)
+    check_parallel_layout(moe, tp=4, ep=8, etp=1)
+    with pytest.raises(ConfigError, match="expert TP=5 does not divide expert FFN size 768"):
+        check_parallel_layout(moe, tp=4, ep=8, etp=5)
+    with pytest.raises(ConfigError, match="TP=8 does not divide 4 key/value heads"):
+        check_parallel_layout(moe, tp=8, ep=8, etp=1)
     with pytest.raises(ConfigError, match="unknown model config"):
         named_config("qwen3_999b")
 
@@ -164,6 +170,23 @@ def _megatron_worker(models: dict[str, str], ckpt: str) -> dict:
     load_hf_weights(direct, models["gqa2"])
     load_checkpoint(ckpt, via_ckpt)
     out["ckpt_equal"] = all(torch.equal(a, b) for a, b in zip(direct.parameters(), via_ckpt.parameters()))
+    # With apex installed (NGC containers) megatron-core's default final norm is apex's
+    # FusedLayerNorm, which refuses RMSNorm: the local spec must not depend on that choice.
+    from megatron.core.transformer import transformer_block
+
+    class ApexFusedLayerNorm(torch.nn.Module):
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("apex's FusedLayerNorm was built for an RMSNorm model")
+
+    default_norm, transformer_block.LayerNormImpl = transformer_block.LayerNormImpl, ApexFusedLayerNorm
+    try:
+        with_apex = build_model(config)
+    finally:
+        transformer_block.LayerNormImpl = default_norm
+    load_hf_weights(with_apex, models["gqa2"])
+    with torch.no_grad():
+        out["apex_equal"] = torch.equal(with_apex.eval()(ids, positions, attention_mask=None), direct.eval()(ids, positions, attention_mask=None))
+    out["masked_softmax_fusion"] = direct.config.masked_softmax_fusion
     for label, kwargs in {"fp8": {"fp8": "delayed"}, "sp": {"sequence_parallel": True}, "te": {"use_te": True}}.items():
         try:
             build_model(config, **kwargs)
@@ -226,6 +249,13 @@ def test_mapping_keys_are_the_models_sharded_keys(tp1_results):
 
 def test_checkpoint_load_equals_direct_hf_load(tp1_results):
     assert tp1_results[0]["ckpt_equal"]
+
+
+def test_local_spec_does_not_depend_on_apex_or_fused_softmax(tp1_results):
+    """Identical logits when megatron-core would pick apex's final norm; the fused masked softmax
+    (not in the megatron-core wheel, and blind to the packed-row mask) is never asked for."""
+    assert tp1_results[0]["apex_equal"]
+    assert tp1_results[0]["masked_softmax_fusion"] is False
 
 
 def test_gpu_only_features_fail_clearly_without_te(tp1_results):

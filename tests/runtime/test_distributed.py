@@ -27,8 +27,12 @@ def test_layout_validation_messages():
     assert ParallelConfig(tensor_parallel=2, pipeline_parallel=2).data_parallel(8) == 2
     with pytest.raises(ConfigError, match="world size 6 is not divisible by TP 4"):
         ParallelConfig(tensor_parallel=4).data_parallel(6)
-    with pytest.raises(ConfigError, match="expert parallel 4"):
+    with pytest.raises(ConfigError, match=r"world size 2 is not divisible by expert TP 1 x EP 4 x PP 1 = 4"):
         ParallelConfig(expert_parallel=4).data_parallel(2)
+    # The official MoE layout: TP 4 x EP 8 on 8 GPUs works with expert TP 1 (the default), not TP 4.
+    assert ParallelConfig(tensor_parallel=4, expert_parallel=8).data_parallel(8) == 2
+    with pytest.raises(ConfigError, match=r"expert TP 4 x EP 8 x PP 1 = 32"):
+        ParallelConfig(tensor_parallel=4, expert_parallel=8, expert_tensor_parallel=4).data_parallel(8)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")

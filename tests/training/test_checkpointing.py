@@ -1,9 +1,12 @@
-"""Checkpoints: atomic `latest`, exact resume (also after a real SIGKILL), another DP size.
+"""Checkpoints: atomic `latest`, exact resume (also after a real SIGKILL), another DP / TP / PP
+size, the older dp_reshardable optimizer format, and Transformer Engine's FP8 extra state.
 
 Exactness: on CPU in fp32 a resumed run recomputes the same floating-point operations in
 the same order as the uninterrupted one, so per-step losses are compared bitwise (==) at
 an unchanged layout. Resuming at another data-parallel size changes how the global batch
-is split and summed; those losses are compared with a relative tolerance of 1e-5.
+is split and summed; those losses are compared with a relative tolerance of 1e-5. Another
+TP / PP size also splits the matmuls and vocabulary reductions: rel 1e-5 or abs 2e-6, as
+test_loop compares TP=2 / PP=2 with TP=1 (the loss is a sum of terms of both signs).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from megatron_lopd.errors import ArtifactError
+from megatron_lopd.models import checkpoint as mckpt
 from megatron_lopd.training.checkpointing import LATEST_NAME, find_latest
 from tests.dist_utils import run_distributed
 from tests.training.test_loop import _train_runs, opd_overrides, pipeline, read_metrics  # noqa: F401 (fixture)
@@ -207,3 +211,109 @@ def test_sigkill_of_the_trainer_leaves_no_checkpoint_writer(pipeline, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# --------------------------------------------------------------------------------------
+# Another TP / PP layout, the older optimizer format, FP8 extra state.
+
+
+def _train_runs_then_in_the_old_format(runs: list[list[str]], old_runs: list[list[str]]):
+    """`runs`, then `old_runs` as the previous version wrote them: the optimizer state
+    dp_reshardable and no optimizer_format in the metadata (removed after each run)."""
+    out = _train_runs(runs)
+    for overrides in old_runs:
+        out += _train_runs([overrides])
+        run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")))
+        if os.environ["RANK"] == "0":  # the other rank waits for it at the next run's rendezvous
+            for meta_path in (run_dir / "checkpoints").glob("step_*/lopd_checkpoint.json"):
+                meta = json.loads(meta_path.read_text())
+                assert meta.pop("optimizer_format") == "dp_reshardable"
+                meta_path.write_text(json.dumps(meta))
+    return out
+
+
+def _train_runs_seeing_te_guard(runs: list[list[str]]):
+    """`_train_runs` with Transformer Engine taken as installed; records the guard variable as
+    every `Module.load_state_dict` (where TE unpickles FP8 extra state) sees it."""
+    import torch
+
+    seen: list = []
+    load_state_dict = torch.nn.Module.load_state_dict
+
+    def recording(module, *args, **kwargs):
+        seen.append(os.environ.get(mckpt.TE_UNSAFE_PICKLE_ENV))
+        return load_state_dict(module, *args, **kwargs)
+
+    mckpt._te_installed = lambda: True
+    torch.nn.Module.load_state_dict = recording
+    return _train_runs(runs), seen, os.environ.get(mckpt.TE_UNSAFE_PICKLE_ENV)
+
+
+@pytest.mark.slow
+def test_resume_at_another_tensor_or_pipeline_layout(pipeline, tmp_path):
+    """TP=2 and PP=2 runs (2 ranks) checkpoint at step 3 and continue at TP=1 / PP=1 (1 rank):
+    the losses of steps 4-6 are those of an uninterrupted TP=1 run (checkpoint.optimizer_format=
+    fully_reshardable). A dp_reshardable checkpoint (the default; here as the previous version
+    wrote it, without a recorded format) resumes exactly at its own layout and is refused at another one;
+    every model load of a resume or start runs with TE's FP8 pickle opt-in set, and only then."""
+    steps, saved = 6, "step_0000003"
+    run = lambda name, **kw: opd_overrides(pipeline, tmp_path / name, **{"train_steps": steps, **kw})  # noqa: E731
+    reshardable = {"checkpoint.save_every": 3, "checkpoint.keep_last": 0, "checkpoint.optimizer_format": "fully_reshardable"}
+    tp2 = run("tp2", **{"parallel.tensor_parallel": 2, **reshardable})
+    pp2 = run("pp2", **{"parallel.pipeline_parallel": 2, "data.micro_batch_size": 1, **reshardable})
+    old = opd_overrides(pipeline, tmp_path / "old", train_steps=3, **{"parallel.tensor_parallel": 2, "checkpoint.save_every": 3})
+    old_resumed = run("old_resumed", **{"parallel.tensor_parallel": 2, "checkpoint.resume": tmp_path / "old" / "checkpoints" / saved})
+    got_tp2, got_pp2, _, got_old = run_distributed(_train_runs_then_in_the_old_format, world_size=2, runs=[tp2, pp2],
+                                                   old_runs=[old, old_resumed])[0]
+    assert all("error" not in r for r in (got_tp2, got_pp2, got_old)), (got_tp2, got_pp2, got_old)
+    assert {s: got_old["losses"][s] for s in (4, 5, 6)} == {s: got_tp2["losses"][s] for s in (4, 5, 6)}  # bitwise
+    meta = json.loads((tmp_path / "tp2" / "checkpoints" / saved / "lopd_checkpoint.json").read_text())
+    assert meta["optimizer_format"] == "fully_reshardable" and meta["tensor_parallel"] == 2
+
+    runs, seen, after = run_distributed(_train_runs_seeing_te_guard, world_size=1, runs=[
+        run("ref"),
+        run("tp1", **{"checkpoint.resume": tmp_path / "tp2" / "checkpoints" / saved}),
+        run("pp1", **{"checkpoint.resume": tmp_path / "pp2" / "checkpoints" / saved}),
+        run("refused", **{"checkpoint.resume": tmp_path / "old" / "checkpoints" / saved}),
+        run("started", train_steps=1, **{"model.start_from": tmp_path / "tp2" / "checkpoints" / saved,
+                                         "teacher_consistency.allow_policy_mismatch": "true"}),
+    ])[0]
+    ref, tp1, pp1, refused, started = runs
+    assert all("error" not in r for r in (ref, tp1, pp1, started)), runs
+    for resumed in (tp1, pp1):
+        assert sorted(resumed["losses"]) == [4, 5, 6]
+        assert resumed["losses"] == pytest.approx({s: ref["losses"][s] for s in (4, 5, 6)}, rel=1e-5, abs=2e-6)
+    resumes = json.loads((tmp_path / "tp1" / "manifest.json").read_text())["extra"]["resumes"]
+    assert resumes[0]["changes"]["parallel.tensor_parallel"] == [2, 1]
+    assert refused["error"] == (
+        f"ConfigError: {tmp_path / 'old' / 'checkpoints' / saved}: its optimizer state (dp_reshardable) reshards over data "
+        "parallel only; it was saved at TP=2 PP=1, this run asks for TP=1 PP=1 (fix: resume with parallel.tensor_parallel=2 "
+        "parallel.pipeline_parallel=1 (checkpoints written with checkpoint.optimizer_format=fully_reshardable resume at any layout))")
+    assert not (tmp_path / "refused" / "metrics.jsonl").exists()
+    # Three loads (two resumes, one start from a training checkpoint), each through one or more
+    # load_state_dict calls, all with the opt-in; none left set afterwards.
+    assert len(seen) >= 3 and set(seen) == {"1"} and after is None, (seen, after)
+
+
+def test_te_extra_state_guard_is_scoped_to_the_load(monkeypatch):
+    """The opt-in is set inside the guard only, the previous value (or its absence) comes back
+    after it, also when the load fails; without TE installed nothing is touched."""
+    env = mckpt.TE_UNSAFE_PICKLE_ENV
+    monkeypatch.delenv(env, raising=False)
+    monkeypatch.setattr(mckpt, "_te_installed", lambda: False)
+    with mckpt.trusted_te_extra_state():
+        assert env not in os.environ
+    monkeypatch.setattr(mckpt, "_te_installed", lambda: True)
+    with mckpt.trusted_te_extra_state():
+        assert os.environ[env] == "1"
+    assert env not in os.environ
+    with pytest.raises(RuntimeError, match="load failed"), mckpt.trusted_te_extra_state():
+        assert os.environ[env] == "1"
+        raise RuntimeError("load failed")
+    assert env not in os.environ
+    for users_value in ("0", "1"):
+        monkeypatch.setenv(env, users_value)
+        with pytest.raises(RuntimeError), mckpt.trusted_te_extra_state():
+            assert os.environ[env] == "1"
+            raise RuntimeError
+        assert os.environ[env] == users_value

@@ -82,6 +82,12 @@ def test_override_errors(override, message):
         (["loss_reduction=batch_mean"], "loss_reduction='batch_mean' is not one of"),
         (["advantage_clip=-1"], "advantage_clip=-1.0 with loss 'lightning_opd'"),
         (["loss=topk_reverse_kl", "advantage_clip=1"], "for loss=lightning_opd only"),
+        (["optimizer.cpu_offload=true", "parallel.use_distributed_optimizer=false"], "optimizer.cpu_offload needs the distributed optimizer"),
+        (["optimizer.cpu_offload=true", "optimizer.cpu_offload_fraction=0"], r"cpu_offload_fraction=0.0 is outside \(0, 1\]"),
+        (["optimizer.precision_aware=true", "parallel.use_distributed_optimizer=false"], "precision_aware needs the distributed optimizer"),
+        (["data.micro_batch_tokens=4096", "parallel.pipeline_parallel=2"], "micro_batch_tokens .* needs data.pack=true and pipeline_parallel=1"),
+        (["data.micro_batch_tokens=-1"], "micro_batch_tokens=-1 is negative"),
+        (["model.export_dtype=fp8"], "model.export_dtype='fp8' is not one of"),
     ],
 )
 def test_validation_errors(overrides, message):

@@ -132,6 +132,28 @@ def test_micro_batches_alignment_and_prompt_mask(pack):
         assert step.loss_tokens == sum(len(by_index[i].response_ids) - (len(by_index[i].prompt_ids) == 0) for i in seen)
 
 
+def test_dynamic_batching_rows_hold_the_token_budget_and_the_same_sequences():
+    """data.micro_batch_tokens: one row per micro-batch, each trimmed to what it holds (rounded to
+    the row multiple), at most the budget unless a single sequence is longer; the step's sequences,
+    tokens and loss tokens are those of fixed rows; per-sequence positions are recorded (MFU)."""
+    seqs = synthetic_sequences(n=40, max_prompt=9, max_response=30)
+    by_index = {s.index: s for s in seqs}
+    positions = {s.index: len(s.prompt_ids) + len(s.response_ids) - 1 for s in seqs}
+    fixed = make_data(seqs, seq_length=40, micro_batch_size=2)
+    dynamic = make_data(seqs, seq_length=40, micro_batch_size=2, micro_batch_tokens=24, pad_to_multiple=8)
+    for _ in range(4):
+        a, b = fixed.next_step(), dynamic.next_step()
+        assert np.array_equal(a.rank_indices, b.rank_indices) and (a.tokens, a.loss_tokens) == (b.tokens, b.loss_tokens)
+        assert sorted(b.sequence_tokens) == sorted(positions[int(i)] for i in b.rank_indices)
+        for mb in b.micro_batches:
+            check_alignment(mb, by_index)
+            held = [positions[i] for i in mb.sequence_indices]
+            assert mb.input_ids.shape[0] == 1 and mb.input_ids.shape[1] == -(-sum(held) // 8) * 8
+            assert sum(held) <= 24 or len(held) == 1
+        assert b.row_length == max(mb.input_ids.shape[1] for mb in b.micro_batches)
+        assert sorted(i for mb in b.micro_batches for i in mb.sequence_indices) == sorted(b.rank_indices.tolist())
+
+
 def test_block_causal_mask_matches_a_loop():
     seq_ids = torch.tensor([[0, 0, 1, 1, 1, -1], [2, 2, 2, 2, 3, 3]])
     mask = block_causal_mask(seq_ids)

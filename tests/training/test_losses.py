@@ -5,8 +5,11 @@ coarse-grained top-k distributions summed out explicitly, and the "mean over eac
 sequence's tokens, then mean over sequences" written as a loop over sequences.
 Tolerances (float32 compute vs float64): losses, metric sums and gradients w.r.t. the
 logits within rtol 1e-5 / atol 1e-6 (observed ~1e-7); TP=2 against TP=1 within 1e-6.
+Token chunks of the softmax pass against one pass: rtol 1e-6 / atol 1e-7 (the same float32
+arithmetic per position; observed equal).
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -17,6 +20,7 @@ from megatron_lopd.training.losses import TAIL_MIN_PROB, LossInputs, LossOptions
 from tests.dist_utils import run_distributed
 
 TOL = dict(rtol=1e-5, atol=1e-6)
+CHUNK_TOL = dict(rtol=1e-6, atol=1e-7)
 CASES = [  # (loss, options)
     ("lightning_opd", LossOptions()),
     ("lightning_opd", LossOptions(advantage_clip=0.5)),
@@ -139,6 +143,26 @@ def test_tp1_matches_float64_reference(name, options):
     assert torch.all(run_loss(name, logits, garbage, options)[2][torch.tensor(LOSS_MASK) == 0] == 0)
     if options.advantage_clip:  # the clip is active on this data
         assert not torch.isclose(ref[0], reference(name, logits, clean)[0])
+
+
+def assert_same(got, expected, tol=CHUNK_TOL, what=""):
+    torch.testing.assert_close(got[0], expected[0], **tol, msg=f"loss {what}")
+    assert set(got[1]) == set(expected[1])
+    for key in expected[1]:
+        torch.testing.assert_close(got[1][key], expected[1][key], **tol, msg=f"{key} {what}")
+    torch.testing.assert_close(got[2], expected[2], **tol, msg=f"gradient {what}")
+
+
+def test_logit_chunks_give_the_one_pass_results():
+    """Every loss, metric and gradient; chunks dividing the 24 positions or not, more chunks than positions."""
+    logits, garbage, _ = make_batch(7)
+    for name, options in CASES:
+        one_pass = run_loss(name, logits, garbage, dataclasses.replace(options, logit_chunks=1))
+        for chunks in (5, 7, 24, 100):
+            got = run_loss(name, logits, garbage, dataclasses.replace(options, logit_chunks=chunks))
+            assert_same(got, one_pass, what=f"{name}, {chunks} chunks")
+    with pytest.raises(ConfigError, match="logit chunks 0 must be a positive integer"):
+        LossOptions(logit_chunks=0)
 
 
 def test_lightning_opd_gradient_is_that_of_half_squared_error():
@@ -269,6 +293,8 @@ def _tp2_worker(seed: int) -> dict:
     for i, (name, options) in enumerate(CASES):
         loss, metrics, grad = run_loss(name, local, garbage, options, tp_group=group)
         out[i] = (loss.numpy(), {k: v.numpy() for k, v in metrics.items()}, grad.numpy())
+        loss, metrics, grad = run_loss(name, local, garbage, dataclasses.replace(options, logit_chunks=5), tp_group=group)
+        out["chunked", i] = (loss.numpy(), {k: v.numpy() for k, v in metrics.items()}, grad.numpy())
     try:
         compute_loss("sft", local, garbage)  # forgetting the group must not normalise over half the vocab
         out["guard"] = "no error"
@@ -291,4 +317,9 @@ def test_tp2_matches_float64_reference_and_tp1():
         single = run_loss(name, logits, garbage, options)
         torch.testing.assert_close(got[0], single[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got[2], single[2], rtol=1e-6, atol=1e-6)
+        # 5 token chunks (5, 5, 5, 5, 4 positions) on each rank: the TP=2 results of the default chunks.
+        (loss0, metrics0, grad0), (_, _, grad1) = ranks[0]["chunked", i], ranks[1]["chunked", i]
+        chunked = (torch.from_numpy(loss0), {k: torch.from_numpy(v) for k, v in metrics0.items()},
+                   torch.cat([torch.from_numpy(grad0), torch.from_numpy(grad1)], -1))
+        assert_same(chunked, got, what=f"{name}, TP=2, 5 chunks")
     assert "tp_group=None but tensor-parallel size is 2" in ranks[0]["guard"]

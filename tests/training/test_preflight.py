@@ -8,6 +8,8 @@ before queueing)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from megatron_lopd.errors import LopdError
@@ -59,3 +61,40 @@ def test_check_train_reports_what_the_trainer_will_use(pipeline, tmp_path):  # n
     assert f"store {pipeline['store']}: " in text and "tokens checked" in text
     with pytest.raises(LopdError, match="checkpoint.resume does not exist"):
         check_training_inputs("tiny_cpu", opd_overrides(pipeline, tmp_path / "run", **{"checkpoint.resume": tmp_path / "nope"}))
+
+
+def _te_accepts(row: int, tp: int, sp: bool, fp8: bool) -> bool:
+    """Transformer Engine's rule, written independently: sequence parallel splits the row evenly
+    over TP; FP8 GEMMs need token counts divisible by 16 (the full row) and, under sequence
+    parallel, each rank's local tokens (row / TP, checked before the all-gather) divisible by 8."""
+    if sp and row % tp:
+        return False
+    return not fp8 or (row % 16 == 0 and (not sp or (row // tp) % 8 == 0))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("sp", [False, True])
+def test_row_multiple_makes_every_row_length_valid_for_te(sp, fp8):
+    """Every row the data can produce (trimmed to the row multiple, or untrimmed seq_length), for
+    TP 1-8, with and without SP / FP8. (The old multiple, lcm(8, TP, 16), failed TE at TP 4 and 8.)"""
+    from megatron_lopd.errors import ConfigError
+    from megatron_lopd.training.preflight import row_multiple
+
+    for tp in range(2 if sp else 1, 9):
+        seq_length = 4096
+        config = resolve_config("tiny_cpu", [f"parallel.tensor_parallel={tp}", f"parallel.sequence_parallel={str(sp).lower()}",
+                                             f"model.fp8={'delayed' if fp8 else ''}", f"data.seq_length={seq_length}", "data.store=/s", "model.named=tiny"])
+        if seq_length % math.lcm(16, 8 * tp if sp else 1, tp if sp else 1) and (sp or fp8):
+            with pytest.raises(ConfigError, match="must be a multiple of"):
+                row_multiple(config)
+            continue
+        m = row_multiple(config)
+        rows = {min(seq_length, -(-used // m) * m) for used in range(1, seq_length + 1)} | {seq_length}
+        bad = sorted(r for r in rows if not _te_accepts(r, tp, sp, fp8))
+        assert not bad, f"TP {tp}: TE would refuse rows of {bad[:5]}"
+        if sp and fp8 and tp in (4, 8):
+            assert m == 8 * tp  # and not 16: rows of 16 * odd would fail
+    config = resolve_config("tiny_cpu", ["parallel.tensor_parallel=3", "parallel.sequence_parallel=true", "model.fp8=current",
+                                         "data.seq_length=4096", "data.store=/s", "model.named=tiny"])
+    with pytest.raises(ConfigError, match=r"data.seq_length=4096 must be a multiple of 48"):
+        row_multiple(config)

@@ -54,18 +54,32 @@ def test_run_dir_must_be_ours_and_not_an_input(tmp_path, tiny_hf_dir):
     check_run_dir(_config(run_dir=ours, **base))
 
 
+def write_checkpoint_meta(ckpt: Path, model: str = "tiny", **fields) -> None:
+    """The part of a checkpoint's lopd_checkpoint.json that a resume's settings are checked against."""
+    from megatron_lopd.models.qwen3 import named_config
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    meta = {"hf_config": named_config(model).to_hf_dict(), "tensor_parallel": 1, "pipeline_parallel": 1, "expert_parallel": 1,
+            "optimizer_format": "fully_reshardable", **fields}
+    (ckpt / "lopd_checkpoint.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+
+
 def test_resume_changes_truth_table(tmp_path):
     base = dict(run_dir=tmp_path / "r", **{"model.start_from": tmp_path / "m", "data.store": tmp_path / "s"})
     recorded = _config(**base)
     inputs = {"start_fingerprint": "model-a", "teacher_fingerprint": "model-t", "rollouts_fingerprint": "data-r"}
     state = {"config": recorded.to_dict(), "inputs": inputs}
     ckpt = tmp_path / "r" / "checkpoints" / "step_0000004"
+    write_checkpoint_meta(ckpt)
 
     # Free: how long, cadence, logging, memory knobs, moved inputs with the same content.
-    free = _config(**{**base, "train_steps": 400, "checkpoint.save_every": 7, "logging.log_every": 5, "data.micro_batch_size": 2,
-                      "model.recompute": "full", "run_dir": tmp_path / "moved", "data.store": tmp_path / "store-copy"})
+    memory = {"data.micro_batch_size": 2, "data.micro_batch_tokens": 256, "model.recompute": "full", "optimizer.cpu_offload": "true",
+              "optimizer.cpu_offload_fraction": 0.5, "optimizer.overlap_cpu_offload": "false", "optimizer.precision_aware": "true"}
+    free = _config(**{**base, "train_steps": 400, "checkpoint.save_every": 7, "logging.log_every": 5, **memory,
+                      "run_dir": tmp_path / "moved", "data.store": tmp_path / "store-copy"})
     changes = resume_changes(ckpt, state, free, inputs)
     assert changes["train_steps"][1] == 400 and changes["data.store"] == [str(tmp_path / "s"), str(tmp_path / "store-copy")]
+    assert set(memory) <= set(changes)
 
     # Refused: optimizer.lr unless named; anything else always; inputs with other content.
     with pytest.raises(ConfigError, match=r"was trained with optimizer.lr=0.001, this run asks for 1e-05 .*"
@@ -73,7 +87,7 @@ def test_resume_changes_truth_table(tmp_path):
         resume_changes(ckpt, state, _config(**{**base, "optimizer.lr": 1e-5}), inputs)
     lr = resume_changes(ckpt, state, _config(**{**base, "optimizer.lr": 1e-5, "checkpoint.resume_changes": "optimizer.lr"}), inputs)
     assert lr == {"optimizer.lr": [1e-3, 1e-5], "checkpoint.resume_changes": ["", "optimizer.lr"]}
-    for key, value in (("data.seed", 7), ("loss", "topk_reverse_kl"), ("data.global_batch", 16), ("parallel.tensor_parallel", 2)):
+    for key, value in (("data.seed", 7), ("loss", "topk_reverse_kl"), ("data.global_batch", 16), ("parallel.use_distributed_optimizer", "false")):
         with pytest.raises(ConfigError, match=rf"was trained with {key}=.*start a new run_dir with model.start_from={ckpt}"):
             resume_changes(ckpt, state, _config(**{**base, key: value}), inputs)
     with pytest.raises(ConfigError, match="checkpoint.resume_changes names data.seed, which a resume cannot change"):
@@ -81,6 +95,42 @@ def test_resume_changes_truth_table(tmp_path):
     with pytest.raises(ConfigError, match="was trained on inputs with teacher_fingerprint=model-t, this run's inputs have model-u"):
         resume_changes(ckpt, state, recorded, {**inputs, "teacher_fingerprint": "model-u"})
     assert resume_changes(ckpt, {}, free, inputs) == {}  # an older checkpoint records nothing to compare (warned)
+
+
+def test_layout_changes_on_resume_follow_the_optimizer_format(tmp_path):
+    """TP / PP / EP / expert TP may change on resume when the checkpoint's optimizer state is
+    fully_reshardable; from a dp_reshardable one (what checkpoints without a recorded format hold)
+    only where its per-rank buffers do not depend on them (EP and expert TP of a dense model)."""
+    base = dict(run_dir=tmp_path / "r", **{"model.start_from": tmp_path / "m", "data.store": tmp_path / "s"})
+    recorded = _config(**base)
+    state = {"config": recorded.to_dict(), "inputs": {}}
+    ckpt = tmp_path / "r" / "checkpoints" / "step_0000004"
+
+    layout = {"parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2, "parallel.expert_parallel": 2,
+              "parallel.expert_tensor_parallel": 2}
+    write_checkpoint_meta(ckpt, "qwen3_30b_a3b", expert_tensor_parallel=1)
+    assert resume_changes(ckpt, state, _config(**base, **layout), {}) == {k: [1, 2] for k in layout}
+
+    write_checkpoint_meta(ckpt, optimizer_format=None)  # no optimizer_format: dp_reshardable
+    experts = {"parallel.expert_parallel": 2, "parallel.expert_tensor_parallel": 2}
+    assert resume_changes(ckpt, state, _config(**base, **experts), {}) == {k: [1, 2] for k in experts}
+    for key, asked in (("parallel.tensor_parallel", "TP=2 PP=1"), ("parallel.pipeline_parallel", "TP=1 PP=2")):
+        with pytest.raises(ConfigError) as err:
+            resume_changes(ckpt, state, _config(**base, **{key: 2}), {})
+        assert str(err.value) == (
+            f"{ckpt}: its optimizer state (dp_reshardable) reshards over data parallel only; it was saved at TP=1 PP=1, "
+            f"this run asks for {asked} (fix: resume with parallel.tensor_parallel=1 parallel.pipeline_parallel=1 "
+            "(checkpoints written with checkpoint.optimizer_format=fully_reshardable resume at any layout))")
+    # An MoE checkpoint from before expert TP was configurable (nor recorded): megatron-core used expert TP = TP.
+    write_checkpoint_meta(ckpt, "qwen3_30b_a3b", tensor_parallel=2, optimizer_format="dp_reshardable")
+    moe_state = {"config": _config(**base, **{"parallel.tensor_parallel": 2}).to_dict(), "inputs": {}}
+    del moe_state["config"]["parallel"]["expert_tensor_parallel"]
+    same = {"parallel.tensor_parallel": 2, "parallel.expert_tensor_parallel": 2}
+    assert resume_changes(ckpt, moe_state, _config(**base, **same), {}) == {"parallel.expert_tensor_parallel": [None, 2]}
+    with pytest.raises(ConfigError, match=r"saved at TP=2 PP=1 EP=1 ETP=2, this run asks for TP=2 PP=1 EP=1 ETP=1 \(fix: resume with "
+                                          r"parallel.tensor_parallel=2 parallel.pipeline_parallel=1 parallel.expert_parallel=1 "
+                                          r"parallel.expert_tensor_parallel=2 \(checkpoints written"):
+        resume_changes(ckpt, moe_state, _config(**base, **{"parallel.tensor_parallel": 2}), {})
 
 
 def _wait_for(predicate, proc, log: Path, timeout=300):

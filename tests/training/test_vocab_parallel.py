@@ -1,17 +1,24 @@
 """vocab_parallel_log_probs against an independent float64 full-vocabulary reference.
 
 Tolerances: float32 compute vs float64 reference, logits of scale ~3, V <= 32:
-values and gradients within rtol 1e-5 / atol 2e-6 (observed errors are ~1e-7).
+values and gradients within rtol 1e-5 / atol 2e-6 (observed errors are ~1e-7). Token
+chunking against one pass: the same float32 arithmetic per position, so rtol 1e-6 /
+atol 1e-7 (a row's reduction order may differ with the chunk's shape; observed equal).
 """
+
+import json
+import tempfile
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from megatron_lopd.errors import ConfigError
-from megatron_lopd.training.vocab_parallel import VocabShard, vocab_parallel_argmax, vocab_parallel_log_probs
+from megatron_lopd.training.vocab_parallel import LOGIT_CHUNKS, VocabShard, vocab_parallel_argmax, vocab_parallel_log_probs
 from tests.dist_utils import run_distributed
 
 TOL = dict(rtol=1e-5, atol=2e-6)
+CHUNK_TOL = dict(rtol=1e-6, atol=1e-7)
 
 
 def make_case(seed: int, V: int = 24, vocab_size: int | None = None, B: int = 2, T: int = 5, k: int = 4) -> dict:
@@ -50,7 +57,7 @@ def reference(case: dict, exclude: bool = True) -> dict:
     }
 
 
-def run_local(case: dict, group=None, exclude: bool = True, dtype=torch.float32) -> dict:
+def run_local(case: dict, group=None, exclude: bool = True, dtype=torch.float32, chunks: int = LOGIT_CHUNKS) -> dict:
     """This rank's columns only; returns replicated outputs and the local gradient."""
     full = case["logits"].to(dtype)
     world = 1 if group is None else torch.distributed.get_world_size(group)
@@ -58,7 +65,7 @@ def run_local(case: dict, group=None, exclude: bool = True, dtype=torch.float32)
     local = full.chunk(world, -1)[rank].clone().requires_grad_()
     before = local.detach().clone()
     shard = VocabShard.of(local, group, case["vocab_size"])
-    out = vocab_parallel_log_probs(local, case["ids"], shard, case["exclude"] if exclude else None)
+    out = vocab_parallel_log_probs(local, case["ids"], shard, case["exclude"] if exclude else None, chunks=chunks)
     ((case["g_ids"] * out.ids).sum() + (case["g_rest"] * out.rest).sum()).backward()
     return {
         "ids": out.ids.detach(), "rest": out.rest.detach(), "argmax": out.argmax, "entropy": out.entropy,
@@ -117,6 +124,62 @@ def test_empty_rest_ties_bf16_and_bad_ids():
         vocab_parallel_log_probs(case["logits"], torch.tensor([[[0, 24]]]), VocabShard.of(case["logits"]))
     with pytest.raises(ConfigError, match="vocab_size 30 does not fit"):
         VocabShard.of(case["logits"], vocab_size=30)
+
+
+@pytest.mark.parametrize("vocab_size", [None, 19])
+def test_token_chunks_give_the_one_pass_results(vocab_size):
+    """2 x 5 positions in chunks that divide them or not, and more chunks than positions."""
+    case = make_case(8, vocab_size=vocab_size)
+    for exclude in (True, False):
+        for dtype in (torch.float32, torch.bfloat16):
+            one_pass = run_local(case, exclude=exclude, dtype=dtype, chunks=1)
+            for chunks in (2, 3, 4, 7, 10, 64):
+                got = run_local(case, exclude=exclude, dtype=dtype, chunks=chunks)
+                for key in ("ids", "rest", "entropy", "lse", "grad"):
+                    torch.testing.assert_close(got[key], one_pass[key], **CHUNK_TOL, msg=f"{key}, {chunks} chunks")
+                assert torch.equal(got["argmax"], one_pass["argmax"]) and got["untouched"]
+    for chunks in (0, 2.5, True):
+        with pytest.raises(ConfigError, match=f"logit chunks {chunks!r} must be a positive integer"):
+            vocab_parallel_log_probs(case["logits"], case["ids"], VocabShard.of(case["logits"]), chunks=chunks)
+
+
+def allocation_peak(fn, logits: torch.Tensor) -> int:
+    """Most bytes held at once by tensors that `fn` allocates, not counting the logits' gradient once it exists."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        with open(f"{tmp}/trace.json") as f:
+            events = sorted((e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"), key=lambda a: a["Ev Idx"])
+    grad_ptr, grad_bytes = logits.grad.data_ptr(), logits.grad.nbytes
+    grad_alloc = max(i for i, a in enumerate(events) if a["Addr"] == grad_ptr and a["Bytes"] == grad_bytes)
+    live = peak = 0
+    for i, a in enumerate(events):
+        live += a["Bytes"]
+        peak = max(peak, live - (grad_bytes if i >= grad_alloc else 0))
+    return peak
+
+
+def test_token_chunks_bound_the_temporaries():
+    """Forward + backward temporaries beyond the logits and their gradient, as multiples of the fp32 logits:
+    2.25x in one pass (shifted logits, their exp, a bool mask), 2.25 / LOGIT_CHUNKS in the default chunks
+    (plus ~0.04x of per-token index tensors, which are not small next to V = 2048)."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(4, 64, 2048, generator=g)
+    ids, exclude = torch.randint(0, 2048, (4, 64, 17), generator=g), torch.randint(0, 2048, (4, 64, 16), generator=g)
+    fp32_bytes = logits.numel() * 4
+    for dtype in (torch.float32, torch.bfloat16):
+        leaf = logits.to(dtype, copy=True).requires_grad_()
+        shard = VocabShard.of(leaf)
+        for chunks, low, high in ((1, 2.2, 2.4), (LOGIT_CHUNKS, 0.25, 0.35)):
+
+            def forward_backward():
+                out = vocab_parallel_log_probs(leaf, ids, shard, exclude, chunks=chunks)
+                (out.ids.sum() + out.rest.sum()).backward()
+
+            leaf.grad = None
+            ratio = allocation_peak(forward_backward, leaf) / fp32_bytes
+            assert low < ratio < high, (dtype, chunks, ratio)
 
 
 def _tp2_worker(cases: list[dict]) -> list[dict]:
