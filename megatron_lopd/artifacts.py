@@ -20,6 +20,7 @@ prompt index, then sample index: record i is sample i % n of prompt i // n.
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 
 from megatron_lopd.errors import ArtifactError
 from megatron_lopd.provenance import MANIFEST_NAME, Manifest, files_fingerprint
-from megatron_lopd.runtime.files import publish_once, refuse_foreign_dir, remove_owned_dir
+from megatron_lopd.runtime.files import atomic_write, publish_once, refuse_foreign_dir, remove_owned_dir
 
 FORMAT_VERSION = 1
 FINISH_STOP = "stop"  # the response ended with EOS (included in response_ids)
@@ -38,6 +39,8 @@ FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH)
 ARTIFACT_KINDS = ("sft_data", "rollouts")
 PLAN_NAME = "plan.json"
 CHUNK_DIR = "chunks"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -163,8 +166,10 @@ class _Chunk:
 
 
 def _plan_key(plan: dict[str, Any]) -> dict[str, Any]:
-    """The part of a plan that must match on resume (paths are for humans: a moved model is the same model)."""
-    drop = {"model_path", "prompts_path"}
+    """The part of a plan that must match on resume: the artifact's identity. Not paths (for humans: a
+    moved model is the same model), nor the `max_model_len` earlier versions recorded (it never changes
+    the bytes: `lopd generate` refuses one that would cut a response)."""
+    drop = {"model_path", "prompts_path", "max_model_len"}
     return {k: ({kk: vv for kk, vv in v.items() if kk not in drop} if isinstance(v, dict) else v) for k, v in plan.items()}
 
 
@@ -173,7 +178,8 @@ class ArtifactWriter:
 
     `plan`: {"kind", "producer", "inputs", "params", "layout": {"num_prompts", "n",
     "chunk_size", "has_logprobs"}}. The first process writes plan.json; later ones (other
-    shards, a resumed run) must bring an identical plan.
+    shards, a resumed run) must bring an identical plan, or replace it while no chunk is
+    written yet (a run whose engine could not start is retried with other settings).
     """
 
     def __init__(self, path: Path, plan: dict[str, Any]):
@@ -201,16 +207,26 @@ class ArtifactWriter:
             refuse_foreign_dir(path, f"--out {path} exists and is not a rollout artifact", "choose an empty or new --out directory")
         path.mkdir(parents=True, exist_ok=True)
         # Of several shards starting at once exactly one writes the plan; every other one is compared against it.
-        if not publish_once(plan_path, json.dumps(plan, indent=2, sort_keys=True) + "\n"):
+        text = json.dumps(plan, indent=2, sort_keys=True) + "\n"
+        if not publish_once(plan_path, text):
             existing = json.loads(plan_path.read_text())
             if _plan_key(existing) != _plan_key(plan):
                 diff = sorted(k for k in set(existing) | set(plan) if _plan_key(existing).get(k) != _plan_key(plan).get(k))
-                raise ArtifactError(
-                    f"{path}: already holds a generation with different settings ({', '.join(diff)} differ)",
-                    "rerun with the original settings to resume, pass --overwrite, or choose another --out",
-                )
+                if any((path / CHUNK_DIR).glob("chunk-*.safetensors")) or (path / MANIFEST_NAME).exists():
+                    raise ArtifactError(
+                        f"{path}: already holds a generation with different settings ({', '.join(diff)} differ)",
+                        "rerun with the original settings to resume, pass --overwrite, or choose another --out",
+                    )
+                atomic_write(plan_path, text)  # nothing was generated under the old plan: nothing to lose
+                logger.warning("%s: no chunk written yet, re-planned with the new settings (%s changed)", path, ", ".join(diff))
         (path / CHUNK_DIR).mkdir(exist_ok=True)
         return cls(path, plan)
+
+    def _check_plan_unchanged(self) -> None:
+        """The plan may be replaced while no chunk exists (`create`): a run started under the old one stops."""
+        if _plan_key(json.loads((self.path / PLAN_NAME).read_text())) != _plan_key(self.plan):
+            raise ArtifactError(f"{self.path}: re-planned with other settings by another `lopd generate` while this one ran",
+                                "run one setting per --out; rerun to continue under the current plan")
 
     def chunk_path(self, chunk_id: int) -> Path:
         return self.path / CHUNK_DIR / chunk_name(chunk_id)
@@ -232,9 +248,10 @@ class ArtifactWriter:
         # No safetensors metadata: its key order is not deterministic, and chunk bytes must be.
         # Serialized in memory and written by us (not safetensors' own 0600 temporary file):
         # chunk files get the mode every other file gets (0644 under the usual umask).
-        from megatron_lopd.runtime.files import atomic_write, os_error_fix, os_error_reason
+        from megatron_lopd.runtime.files import os_error_fix, os_error_reason
 
         data = save(_encode_chunk(records, self.n, self.has_logprobs))
+        self._check_plan_unchanged()
         try:
             atomic_write(final, data)
         except OSError as exc:

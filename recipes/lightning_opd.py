@@ -38,6 +38,7 @@ import nemo_run as run
 
 from megatron_lopd.config import without_none
 from megatron_lopd.errors import ConfigError, LopdError
+from megatron_lopd.pipeline.memory import check_plans, format_plan, pipeline_plans
 from megatron_lopd.pipeline import (
     CONFIG_NAME,
     EvalSettings,
@@ -58,6 +59,7 @@ from megatron_lopd.pipeline import (
     set_aside,
     stage_states,
     state_results,
+    visible_gpus,
 )
 
 _MODELS = os.environ.get("LOPD_MODELS_DIR", "/models")
@@ -113,10 +115,13 @@ def lightning_opd(
     stages: str = "all",
     title: str = "lightning_opd",
     rerun_stale: bool = False,
+    gpu_memory_gib: float = 79.2,
 ) -> None:
     """Run the pipeline (or `stages=a,b`) with `run.executor` (none: in this process).
     `rerun_stale=true`: finished outputs made from other inputs or settings than this config
-    asks are moved to `<dir>.stale-<time>` and made again (default: refuse)."""
+    asks are moved to `<dir>.stale-<time>` and made again (default: refuse). `gpu_memory_gib`:
+    each GPU's memory as CUDA reports it (an "80 GB" H100: 79.2), for the memory plan that
+    refuses, before anything is queued, a stage that cannot fit."""
     config = PipelineConfig(
         work_dir=work_dir, teacher=teacher, base_student=base_student, sft_prompts=sft_prompts, opd_prompts=opd_prompts,
         eval_data=eval_data, sft_data=sft_data, sft=sft, rollouts=rollouts, score=score, trainer=trainer, eval=eval, envs=envs,
@@ -124,7 +129,7 @@ def lightning_opd(
     executor = getattr(ctx, "executor", None)
     try:
         rc = launch(config, stages, executor, title=title, dryrun=ctx.dryrun, detach=ctx.detach, tail_logs=ctx.tail_logs,
-                    rerun_stale=rerun_stale)
+                    rerun_stale=rerun_stale, gpu_memory_gib=gpu_memory_gib)
     except LopdError as exc:
         print(f"lightning_opd: error: {exc}", file=sys.stderr, flush=True)
         rc = exc.exit_code
@@ -143,6 +148,7 @@ def launch(
     detach: bool = False,
     tail_logs: bool = False,
     rerun_stale: bool = False,
+    gpu_memory_gib: float = 79.2,
 ) -> int:
     """Check everything that can be checked before a queue, then run or submit. Returns the exit code.
 
@@ -153,6 +159,11 @@ def launch(
     config = config.absolute()  # jobs start in their own directories
     all_stages = build_stages(config)
     selected = select_stages(all_stages, stages)
+    gpus_per_node = (executor.gpus_per_node or 0) if isinstance(executor, run.SlurmExecutor) else len(visible_gpus())
+    if gpus_per_node:  # the memory plan: a stage that cannot fit is refused before anything runs or is queued
+        plans = [p for p in pipeline_plans(config, gpus_per_node, gpu_memory_gib) if p.stage in {s.name for s in selected}]
+        print("\n".join(f"[lightning_opd] plan: {line}" for line in format_plan(plans)))
+        check_plans(plans)
     stale: list[Stage] = []
     known: dict[str, StageState] = {}
     try:
@@ -177,11 +188,13 @@ def launch(
         print(f"[lightning_opd] stale, made again: {', '.join(s.name for s in stale)}" + (" (dry run: nothing is moved)" if dryrun else ""))
     if executor is None:
         if dryrun:
-            _print_plan(pending)
+            _print_plan(pending, len(visible_gpus()))
             return 0
         run_planned(config, checked, pending)
         return 0
     if isinstance(executor, run.SlurmExecutor):
+        if dryrun:
+            _print_plan(pending, executor.gpus_per_node or 0)
         slurm_preflight(executor, pending)
     config_path = Path(config.work_dir) / CONFIG_NAME
     if not dryrun:
@@ -297,10 +310,14 @@ def slurm_preflight(executor: run.SlurmExecutor, stages: list[Stage]) -> None:
             raise ConfigError(f"SLURM would never run stage {stage.name} ({' '.join(cmd[2:-2])}): {msg}", "fix run.executor (nodes, gpus_per_node, time, partition)")
 
 
-def _print_plan(stages: list[Stage]) -> None:
+def _print_plan(stages: list[Stage], gpus_per_node: int) -> None:
+    """Every process of node 0 of each stage, with the GPUs each engine is pinned to."""
+    gpus = [str(i) for i in range(gpus_per_node)]
     for stage in stages:
-        for argv in stage.commands():
-            print(f"[lightning_opd] {stage.name}: {shlex.join(argv)}")
+        for wave in stage.launches(gpus=gpus):
+            for argv, env in wave:
+                pinned = "".join(f"{k}={v} " for k, v in env.items())
+                print(f"[lightning_opd] {stage.name}: {pinned}{shlex.join(argv)}")
 
 
 # --------------------------------------------------------------------------- recipes
@@ -336,8 +353,12 @@ def write_tiny_inputs(out_dir: str) -> Path:
     return out
 
 
-def _paper_pipeline(student: str, teacher: str, work_dir: str, train_nodes: int, **trainer) -> run.Partial:
-    """The paper's hyper-parameters (DESIGN section 1) around a student/teacher pair."""
+def _paper_pipeline(student: str, teacher: str, work_dir: str, train_nodes: int, *, teacher_tp: int, student_tp: int = 1,
+                    **trainer) -> run.Partial:
+    """The paper's hyper-parameters (DESIGN section 1) around a student/teacher pair. Engine stages
+    fill each 8-GPU node with engines of `teacher_tp` (SFT data, scoring) or `student_tp` GPUs
+    (rollouts of R, evaluation); `lopd pipeline plan` shows that each fits an 80 GB GPU."""
+    by_teacher, by_student = dict(tensor_parallel=teacher_tp), dict(tensor_parallel=student_tp)
     return run.Partial(
         lightning_opd,
         work_dir=work_dir,
@@ -346,25 +367,28 @@ def _paper_pipeline(student: str, teacher: str, work_dir: str, train_nodes: int,
         sft_prompts=f"{_DATA}/openthoughts3_prompts.jsonl",
         opd_prompts=f"{_DATA}/dapo_math_17k.jsonl",
         eval_data=f"{_DATA}/aime24.jsonl",
-        sft_data=run.Config(GenerateSettings, temperature=0.7, top_p=0.9, max_tokens=16384, backend="vllm"),
+        sft_data=run.Config(GenerateSettings, temperature=0.7, top_p=0.9, max_tokens=16384, **by_teacher),
         sft=run.Config(TrainSettings, config="sft", lr=8e-5, steps=3000, global_batch_size=256, nproc_per_node=8, nnodes=train_nodes, **trainer),
-        rollouts=run.Config(GenerateSettings, temperature=0.7, top_p=0.9, max_tokens=4096, backend="vllm"),
-        score=run.Config(ScoreSettings, top_k=16, backend="vllm", dtype="bfloat16"),
+        rollouts=run.Config(GenerateSettings, temperature=0.7, top_p=0.9, max_tokens=4096, **by_student),
+        score=run.Config(ScoreSettings, top_k=16, **by_teacher),
         trainer=run.Config(TrainSettings, config="lightning_opd", lr=2e-6, steps=150, global_batch_size=256, nproc_per_node=8, nnodes=train_nodes, **trainer),
-        eval=run.Config(EvalSettings, samples_per_problem=64, max_tokens=32768, temperature=0.6, top_p=0.95, backend="vllm"),
+        eval=run.Config(EvalSettings, samples_per_problem=64, max_tokens=32768, temperature=0.6, top_p=0.95, **by_student),
     )
 
 
 @run.cli.factory(target=lightning_opd)
 def qwen3_8b() -> run.Partial:
-    """Qwen3-8B-Base student, Qwen3-32B teacher; training TP 4 + sequence parallel on 8 GPUs."""
-    return _paper_pipeline("Qwen3-8B-Base", "Qwen3-32B", "runs/qwen3_8b", 1, tensor_parallel=4, sequence_parallel=True)
+    """Qwen3-8B-Base student, Qwen3-32B teacher. Training: TP 4 + sequence parallel on 8 GPUs.
+    Engines: the teacher at TP 2 (61 GiB of bf16 weights: 30.5 GiB per GPU), 4 per node; the
+    8B models at TP 1, 8 per node."""
+    return _paper_pipeline("Qwen3-8B-Base", "Qwen3-32B", "runs/qwen3_8b", 1, teacher_tp=2, tensor_parallel=4, sequence_parallel=True)
 
 
 @run.cli.factory(target=lightning_opd)
 def qwen3_4b() -> run.Partial:
-    """Qwen3-4B-Base student, Qwen3-8B teacher; training TP 2 + sequence parallel on 8 GPUs."""
-    return _paper_pipeline("Qwen3-4B-Base", "Qwen3-8B", "runs/qwen3_4b", 1, tensor_parallel=2, sequence_parallel=True)
+    """Qwen3-4B-Base student, Qwen3-8B teacher. Training: TP 2 + sequence parallel on 8 GPUs.
+    Engines: every model at TP 1, 8 per node."""
+    return _paper_pipeline("Qwen3-4B-Base", "Qwen3-8B", "runs/qwen3_4b", 1, teacher_tp=1, tensor_parallel=2, sequence_parallel=True)
 
 
 @run.cli.factory(target=lightning_opd)
@@ -372,11 +396,12 @@ def qwen3_30b_a3b() -> run.Partial:
     """Qwen3-30B-A3B-Base (MoE) student on one 8-GPU node, as the official MoE run: TP 4 + sequence
     parallel for attention, EP 8 with expert tensor parallel 1 for the experts, the optimizer
     offloaded to the CPU (precision-aware, overlapped copies), full recompute and dynamic batches
-    of 12,288 tokens per GPU; teacher Qwen3-30B-A3B-Thinking-2507 (set teacher=DIR for another)."""
+    of 12,288 tokens per GPU; teacher Qwen3-30B-A3B-Thinking-2507 (set teacher=DIR for another).
+    Engines: both 30B-A3B models (57 GiB of bf16 weights) at TP 2, 4 per node."""
     memory = {"optimizer.cpu_offload": True, "optimizer.precision_aware": True, "model.recompute": "full",
               "data.micro_batch_tokens": 12288}
-    return _paper_pipeline("Qwen3-30B-A3B-Base", "Qwen3-30B-A3B-Thinking-2507", "runs/qwen3_30b_a3b", 1, tensor_parallel=4,
-                           expert_parallel=8, sequence_parallel=True, overrides=memory)
+    return _paper_pipeline("Qwen3-30B-A3B-Base", "Qwen3-30B-A3B-Thinking-2507", "runs/qwen3_30b_a3b", 1, teacher_tp=2, student_tp=2,
+                           tensor_parallel=4, expert_parallel=8, sequence_parallel=True, overrides=memory)
 
 
 @run.cli.factory(target=lightning_opd)
@@ -399,7 +424,7 @@ def tiny() -> run.Partial:
         rollouts=run.Config(GenerateSettings, **small),
         score=run.Config(ScoreSettings, top_k=4, backend="hf", dtype="float32"),
         trainer=run.Config(TrainSettings, steps=4, nproc_per_node=2, **cpu_train),
-        eval=run.Config(EvalSettings, samples_per_problem=1, max_tokens=24, temperature=0.0, backend="hf"),
+        eval=run.Config(EvalSettings, samples_per_problem=1, max_tokens=24, temperature=0.0, backend="hf", dtype="float32"),
     )
 
 

@@ -21,10 +21,18 @@ _COMMANDS = ("convert", "store", "generate", "score", "train", "eval", "pipeline
 def add_engine_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     """The inference-engine options `generate`, `score` and `eval` share; ``role`` names the model in the help."""
     parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm", help=f"{role} engine (default vllm)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help=f"{role} dtype (default float32; use bfloat16 on GPUs)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help=f"{role} dtype (default auto: bfloat16 on a CUDA GPU, float32 on CPU)")
     parser.add_argument("--tensor-parallel", type=int, default=1, help="vLLM tensor parallel size (GPUs per worker)")
-    parser.add_argument("--max-model-len", type=int, default=None, help=f"context length (default: the {role}'s)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="engine context length (default: what the work needs, e.g. longest prompt + --max-tokens, up to the model's)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="vLLM: fraction of each GPU's memory the engine may use (default vLLM's, 0.9)")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """Backend options from `add_engine_arguments`'s flags that only some engines take."""
+    return {} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}
 
 
 class _VersionAction(argparse.Action):

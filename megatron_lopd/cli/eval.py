@@ -52,6 +52,7 @@ def register(subparsers) -> None:
 def _handle(args) -> int:
     from megatron_lopd.errors import ConfigError
     from megatron_lopd.evaluation import MATH_PROMPT_TEMPLATE, EvalConfig, merge_shards, run_eval
+    from megatron_lopd.generation.backends import resolve_dtype
     from megatron_lopd.runtime.shards import parse_shard
 
     if args.merge:
@@ -74,9 +75,10 @@ def _handle(args) -> int:
         prompt_template=MATH_PROMPT_TEMPLATE if args.prompt_template == "math" else args.prompt_template,
         system_prompt=args.system_prompt,
         backend=args.backend,
-        dtype=args.dtype,
+        dtype=resolve_dtype(args.dtype),
         tensor_parallel=args.tensor_parallel,
         max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         batch_samples=args.batch_samples,
     )
     summary = run_eval(args.model, args.data, args.out, config=config, shard=parse_shard(args.shard), progress=not args.no_progress,

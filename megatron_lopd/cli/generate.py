@@ -38,6 +38,8 @@ def register(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from megatron_lopd.cli import engine_options
+    from megatron_lopd.generation.backends import resolve_dtype
     from megatron_lopd.generation.base import SamplingParams
     from megatron_lopd.generation.generate import GenerateConfig, generate_artifact
     from megatron_lopd.runtime.shards import parse_shard
@@ -46,9 +48,10 @@ def _run(args: argparse.Namespace) -> int:
         model=Path(args.model), prompts=Path(args.prompts), out=Path(args.out), kind=args.kind,
         sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, n=args.n,
                                 seed=args.seed, record_logprobs=args.record_logprobs),
-        backend=args.backend, dtype=args.dtype, tensor_parallel=args.tensor_parallel, max_model_len=args.max_model_len,
+        backend=args.backend, dtype=resolve_dtype(args.dtype), tensor_parallel=args.tensor_parallel, max_model_len=args.max_model_len,
         thinking=None if args.thinking is None else args.thinking == "on", chunk_size=args.chunk_size,
         shard=parse_shard(args.shard), overwrite=args.overwrite, progress=not args.no_progress,
+        backend_options=engine_options(args),
     )
     result = generate_artifact(cfg)
     if result.artifact is not None:

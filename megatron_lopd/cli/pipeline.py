@@ -1,8 +1,10 @@
-"""`lopd pipeline run|status|check-train|check-score`: the consistent-teacher pipeline (megatron_lopd.pipeline)."""
+"""`lopd pipeline run|status|plan|check-train|check-score`: the consistent-teacher pipeline (megatron_lopd.pipeline)."""
 
 from __future__ import annotations
 
 import argparse
+
+GPU_MEMORY_GIB = 79.2  # what CUDA reports for an "80 GB" H100
 
 
 def register(subparsers) -> None:
@@ -25,6 +27,14 @@ def register(subparsers) -> None:
     status.add_argument("--config", required=True)
     status.add_argument("overrides", nargs="*")
     status.set_defaults(handler=_status)
+
+    plan = sub.add_parser("plan", help="GPU memory per stage (engines x TP, weights, KV cache, training state); exit 2 if a stage cannot fit")
+    plan.add_argument("--config", required=True)
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs of each node (default 8)")
+    plan.add_argument("--gpu-memory-gib", type=float, default=GPU_MEMORY_GIB,
+                      help=f"memory of each GPU as CUDA reports it (default {GPU_MEMORY_GIB}: an 80 GB H100; H200: 139.8)")
+    plan.add_argument("overrides", nargs="*")
+    plan.set_defaults(handler=_plan)
 
     check = sub.add_parser(
         "check-train",
@@ -58,6 +68,16 @@ def _status(args: argparse.Namespace) -> int:
     results = status(PipelineConfig.load(args.config, args.overrides))
     print(format_results(results))
     return 0 if all(r.status == "done" for r in results) else 3
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from megatron_lopd.pipeline import PipelineConfig
+    from megatron_lopd.pipeline.memory import check_plans, format_plan, pipeline_plans
+
+    plans = pipeline_plans(PipelineConfig.load(args.config, args.overrides), args.gpus_per_node, args.gpu_memory_gib)
+    print("\n".join(format_plan(plans)))
+    check_plans(plans)
+    return 0
 
 
 def _check_train(args: argparse.Namespace) -> int:

@@ -31,7 +31,9 @@ def register(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from megatron_lopd.cli import engine_options
     from megatron_lopd.errors import ConfigError
+    from megatron_lopd.generation.backends import resolve_dtype
     from megatron_lopd.generation.score import ScoreConfig, score_to_store
     from megatron_lopd.runtime.shards import parse_shard
 
@@ -39,7 +41,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--rollouts and --teacher are required (unless --finalize)", "pass both directories")
     cfg = ScoreConfig(
         rollouts=Path(args.rollouts or "."), teacher=Path(args.teacher or "."), out=Path(args.out), top_k=args.top_k,
-        backend=args.backend, dtype=args.dtype, tensor_parallel=args.tensor_parallel, max_model_len=args.max_model_len,
+        backend=args.backend, dtype=resolve_dtype(args.dtype), tensor_parallel=args.tensor_parallel, max_model_len=args.max_model_len,
+        backend_options=engine_options(args),
         shard=parse_shard(args.shard), sequences_per_shard=args.sequences_per_shard,
         finalize=True if args.finalize else None, overwrite=args.overwrite, progress=not args.no_progress,
     )

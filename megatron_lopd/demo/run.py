@@ -444,7 +444,7 @@ class Demo:
                 overrides={"loss": "lightning_opd", **dict(o.split("=", 1) for o in self.train_overrides("lightning"))},
             ),
             eval=EvalSettings(
-                samples_per_problem=1, max_tokens=s.max_tokens, temperature=0.0, top_p=1.0, backend="hf",
+                samples_per_problem=1, max_tokens=s.max_tokens, temperature=0.0, top_p=1.0, backend="hf", dtype="float32",
                 extra_args=["--grader", "regex", "--answer-pattern", task.ANSWER_PATTERN],
             ),
             envs=StageEnvs(sft_data=StageEnv(env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2"})),

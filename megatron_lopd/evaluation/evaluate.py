@@ -54,9 +54,10 @@ MATH_PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your fina
 
 
 # Config fields that do not change results: runs differing only in these are equivalent.
-_RUNTIME_ONLY = ("batch_samples", "backend", "tensor_parallel")
+# (max_model_len: a problem that does not fit is refused, never truncated.)
+_RUNTIME_ONLY = ("batch_samples", "backend", "tensor_parallel", "max_model_len", "gpu_memory_utilization")
 # What a resumed run may change: not the backend, whose samplers differ at temperature > 0.
-_RESUME_FREE = ("batch_samples", "tensor_parallel")
+_RESUME_FREE = ("batch_samples", "tensor_parallel", "max_model_len", "gpu_memory_utilization")
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ class EvalConfig:
     backend: str = "vllm"  # vllm | hf
     dtype: str = "float32"
     tensor_parallel: int = 1
-    max_model_len: int | None = None
+    max_model_len: int | None = None  # None: the longest prompt + max_tokens, up to the model's context
+    gpu_memory_utilization: float | None = None  # vLLM's fraction of GPU memory (None: its 0.9)
     batch_samples: int = 4096  # samples per generate call: bigger is faster, smaller updates progress more often
 
     def validate(self) -> None:
@@ -564,8 +566,14 @@ def _evaluate(model_dir, problems, indices, config, grader, backend, shard, prog
         if own_backend:
             from megatron_lopd.generation.backends import load_backend
 
+            from megatron_lopd.generation.backends import engine_context
+            from megatron_lopd.generation.base import inspect_model_dir
+
+            needed = max(len(p) for p in prompts) + config.max_tokens
             backend = load_backend(
-                config.backend, model_dir, dtype=config.dtype, tensor_parallel=config.tensor_parallel, max_model_len=config.max_model_len, seed=config.seed
+                config.backend, model_dir, dtype=config.dtype, tensor_parallel=config.tensor_parallel, seed=config.seed,
+                max_model_len=engine_context(inspect_model_dir(model_dir), config.max_model_len, needed),
+                gpu_memory_utilization=config.gpu_memory_utilization,
             )
         backend_name = getattr(backend, "name", config.backend)
 

@@ -24,7 +24,7 @@ import numpy as np
 from megatron_lopd.errors import ArtifactError, ConfigError
 from megatron_lopd.artifacts import ARTIFACT_KINDS, ArtifactWriter, RolloutArtifact, RolloutRecord
 from megatron_lopd.artifacts import FINISH_STOP
-from megatron_lopd.generation.backends import load_backend
+from megatron_lopd.generation.backends import engine_context, load_backend
 from megatron_lopd.generation.base import SamplingParams, inspect_model_dir
 from megatron_lopd.runtime.shards import Shard
 
@@ -76,7 +76,9 @@ def _plan(cfg: GenerateConfig, prompt_set, tokenizer_dir: Path) -> dict:
             "prompts_path": str(Path(cfg.prompts).resolve()),
             "num_prompts": len(prompt_set),
         },
-        "params": {**cfg.sampling.to_dict(), "thinking": cfg.thinking, "max_model_len": cfg.max_model_len},
+        # Only what can change the bytes: not max_model_len (one that would cut a response is refused),
+        # the memory fraction or the engine layout, so a rerun may change them.
+        "params": {**cfg.sampling.to_dict(), "thinking": cfg.thinking},
         "layout": {
             "num_prompts": len(prompt_set),
             "n": cfg.sampling.n,
@@ -120,12 +122,20 @@ def generate_artifact(cfg: GenerateConfig, backend=None) -> GenerateResult:
     info = inspect_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     prompt_set = load_prompt_set(cfg.prompts, tokenizer, thinking=cfg.thinking)
-    context = min(cfg.max_model_len or info.max_position_embeddings, info.max_position_embeddings)
+    context = info.max_position_embeddings
     for pid, ids in zip(prompt_set.ids, prompt_set.token_ids):  # refused before anything is written or loaded
         if len(ids) >= context:
             raise ArtifactError(
                 f"prompt file {cfg.prompts}: prompt {pid!r} has {len(ids)} tokens, no room to generate within the "
                 f"model's context of {context}", "shorten or drop the prompt, or use a model with a longer context")
+    needed = max(len(ids) for ids in prompt_set.token_ids) + cfg.sampling.max_tokens
+    if cfg.max_model_len is not None and cfg.max_model_len < min(needed, context):
+        # It would cut responses (vllm: max_tokens = min(max_tokens, max_model_len - prompt)): the bytes
+        # would depend on it. Refused, so that it is no part of the artifact's identity.
+        raise ConfigError(
+            f"--max-model-len {cfg.max_model_len} would cut responses short of --max-tokens {cfg.sampling.max_tokens}: "
+            f"the longest prompt + --max-tokens is {needed} tokens",
+            f"raise --max-model-len to {min(needed, context)} or leave it unset (what the work needs), or lower --max-tokens")
     check_writable_dir(cfg.out, "rollout artifact", "--out")  # before the model is loaded
     writer = ArtifactWriter.create(cfg.out, _plan(cfg, prompt_set, cfg.model), overwrite=cfg.overwrite)
     pending = writer.pending_chunks(shard, num_shards)
@@ -134,7 +144,8 @@ def generate_artifact(cfg: GenerateConfig, backend=None) -> GenerateResult:
         own_backend = backend is None
         if own_backend:
             backend = load_backend(cfg.backend, cfg.model, dtype=cfg.dtype, tensor_parallel=cfg.tensor_parallel,
-                                   max_model_len=cfg.max_model_len, seed=cfg.sampling.seed, **cfg.backend_options)
+                                   max_model_len=engine_context(info, cfg.max_model_len, needed), seed=cfg.sampling.seed,
+                                   **cfg.backend_options)
         total = sum((writer.ranges[c][1] - writer.ranges[c][0]) * cfg.sampling.n for c in pending)
         bar = tqdm(total=total, unit="sample", desc=f"generate {shard}/{num_shards}", disable=not cfg.progress, file=sys.stderr)
         tokens, started = 0, time.time()

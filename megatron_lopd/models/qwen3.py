@@ -257,6 +257,9 @@ _NAMED: dict[str, dict[str, Any]] = {
         num_experts=128, moe_top_k=8, moe_ffn_hidden_size=768, norm_topk_prob=True,
     ),
 }
+# The official MoE run's teacher: the 30B-A3B architecture with the 2507 release's native 256K
+# context (and its RoPE base for it).
+_NAMED["qwen3_30b_a3b_thinking_2507"] = {**_NAMED["qwen3_30b_a3b"], "max_position_embeddings": 262144, "rope_theta": 10_000_000.0}
 # Same as megatron_lopd.models.tiny.write_random_hf_model() with its defaults (head_dim 32: vLLM-cpu).
 _TINY = Qwen3Config(
     vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,

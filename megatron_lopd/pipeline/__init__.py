@@ -24,13 +24,13 @@ by dependencies).
     checks.py     output verification (adapters over the owners' checks), input pre-checks
     staleness.py  what each output records against what the config asks now
     plan.py       stage states (done, stale, pending) and the plan of one invocation
-    launch.py     steps, `lopd` / torchrun command lines and environments
+    launch.py     steps, engine layouts, `lopd` / torchrun command lines and environments
     run.py        `run_stage`, `run_local`, `status`
 """
 
 from megatron_lopd.pipeline.checks import check_training_inputs
 from megatron_lopd.pipeline.config import CONFIG_NAME, EvalSettings, GenerateSettings, PipelineConfig, ScoreSettings, StageEnv, StageEnvs, TrainSettings
-from megatron_lopd.pipeline.launch import lopd_command
+from megatron_lopd.pipeline.launch import lopd_command, visible_gpus
 from megatron_lopd.pipeline.plan import Plan, StaleError, plan, set_aside, stage_states
 from megatron_lopd.pipeline.run import (StageFailed, StageResult, format_results, lopd_in_process, run_local, run_planned, run_stage,
                                         state_results, status)
@@ -40,5 +40,5 @@ __all__ = [
     "CONFIG_NAME", "STAGE_NAMES", "ArtifactPaths", "EvalSettings", "GenerateSettings", "PipelineConfig", "Plan", "ScoreSettings", "Stage",
     "StageEnv", "StageEnvs", "StageFailed", "StageResult", "StageState", "StaleError", "Step", "TrainSettings", "build_stages",
     "check_training_inputs", "format_results", "lopd_command", "lopd_in_process", "plan", "run_local", "run_planned", "run_stage", "select_stages",
-    "set_aside", "stage_states", "state_results", "status",
+    "set_aside", "stage_states", "state_results", "status", "visible_gpus",
 ]

@@ -60,7 +60,47 @@ class StageEnvs:
 
 
 @dataclass
-class GenerateSettings:
+class EngineSettings:
+    """How an inference-engine stage (SFT data, rollouts, scoring, evaluation) uses its nodes.
+
+    Each node runs `engines_per_node` engine processes side by side, each on its own
+    `tensor_parallel` GPUs (`CUDA_VISIBLE_DEVICES`), each owning every N-th chunk / shard of the
+    artifact (N = engines over all `nodes`): the merged result is byte-identical to one
+    process's. `engines_per_node=0`: as many as the node's GPUs allow (GPUs / TP; one on a
+    machine without GPUs). `max_model_len`: None = what the work needs (longest prompt +
+    max_tokens, longest record for scoring), never the model card's context."""
+
+    backend: str = "vllm"
+    dtype: str = "bfloat16"
+    tensor_parallel: int = 1
+    engines_per_node: int = 0
+    nodes: int = 1
+    max_model_len: Optional[int] = None
+    gpu_memory_utilization: Optional[float] = None  # vLLM's fraction of each GPU (None: its 0.9)
+    extra_args: list[str] = field(default_factory=list)
+
+    def engine_args(self) -> list[str]:
+        """The `lopd generate|score|eval` flags of these settings."""
+        args = ["--backend", self.backend, "--dtype", self.dtype, "--tensor-parallel", str(self.tensor_parallel)]
+        args += ["--max-model-len", str(self.max_model_len)] if self.max_model_len else []
+        args += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)] if self.gpu_memory_utilization else []
+        return args
+
+    def validate(self, stage: str) -> None:
+        checks = (
+            ("tensor_parallel", self.tensor_parallel >= 1, "use 1 or more GPUs per engine"),
+            ("engines_per_node", self.engines_per_node >= 0, "use 0 (every GPU of the node) or a count"),
+            ("nodes", self.nodes >= 1, "use 1 or more nodes"),
+            ("gpu_memory_utilization", self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1, "use a fraction in (0, 1], e.g. 0.9"),
+            ("max_model_len", self.max_model_len is None or self.max_model_len >= 1, "leave it unset (what the work needs) or give a length"),
+        )
+        for name, ok, fix in checks:
+            if not ok:
+                raise ConfigError(f"pipeline config: {stage}.{name}={getattr(self, name)} is not valid", fix)
+
+
+@dataclass
+class GenerateSettings(EngineSettings):
     """`lopd generate` knobs (the paper: temperature 0.7, top-p 0.9)."""
 
     n: int = 1
@@ -68,22 +108,14 @@ class GenerateSettings:
     top_p: float = 0.9
     max_tokens: int = 16384
     seed: int = 0
-    backend: str = "vllm"
-    dtype: str = "bfloat16"
     thinking: Optional[str] = None  # "on" | "off" | None (the chat template's default)
-    shards: int = 1  # > 1: N `--shard i/N` processes (SLURM: one job, N tasks)
-    extra_args: list[str] = field(default_factory=list)
 
 
 @dataclass
-class ScoreSettings:
+class ScoreSettings(EngineSettings):
     """`lopd score` knobs."""
 
     top_k: int = 16
-    backend: str = "vllm"
-    dtype: str = "bfloat16"
-    shards: int = 1  # > 1: N `--shard i/N` workers, then one `--finalize`
-    extra_args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -106,15 +138,13 @@ class TrainSettings:
 
 
 @dataclass
-class EvalSettings:
+class EvalSettings(EngineSettings):
     """`lopd eval` knobs (the paper: avg@64 at up to 32K tokens)."""
 
     samples_per_problem: int = 1
     max_tokens: int = 32768
     temperature: float = 0.6
     top_p: float = 0.95
-    backend: str = "vllm"
-    extra_args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -144,6 +174,8 @@ class PipelineConfig:
             env = getattr(self.envs, name)
             if env.venv and env.python:
                 raise ConfigError(f"pipeline config: envs.{name} sets both venv and python", "set one of them")
+        for stage in ("sft_data", "rollouts", "score", "eval"):
+            getattr(self, stage).validate(stage)
 
     def absolute(self) -> "PipelineConfig":
         """A copy with absolute paths: jobs on other nodes start in other directories."""

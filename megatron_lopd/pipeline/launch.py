@@ -10,21 +10,61 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from megatron_lopd.errors import ConfigError
 from megatron_lopd.pipeline.config import StageEnv
 
 
 @dataclass(frozen=True)
+class EngineLayout:
+    """The engine processes of a step: on each of `nodes` nodes, `per_node` engines (0: the node's
+    GPUs / TP; one without GPUs) of `tensor_parallel` GPUs each, side by side."""
+
+    tensor_parallel: int = 1
+    per_node: int = 0
+    nodes: int = 1
+
+    def engines_on(self, gpus: int, where: str = "this node") -> int:
+        """Engines on a node with `gpus` GPUs (0: none, e.g. a CPU machine or a dry run)."""
+        tp = self.tensor_parallel
+        if self.per_node:
+            if gpus and self.per_node * tp > gpus:
+                raise ConfigError(f"{self.per_node} engines x tensor_parallel {tp} need {self.per_node * tp} GPUs, {where} has {gpus}",
+                                  "lower engines_per_node or tensor_parallel (engines_per_node=0 uses every GPU)")
+            return self.per_node
+        if not gpus:
+            return 1
+        if gpus % tp:
+            raise ConfigError(f"{where}'s {gpus} GPUs are not divisible by tensor_parallel={tp}", "choose a tensor_parallel that divides the GPUs per node")
+        return gpus // tp
+
+    def devices(self, gpus: Sequence[str], engine: int) -> dict[str, str]:
+        """The environment pinning `engine` to its own GPUs (nothing without GPUs)."""
+        tp = self.tensor_parallel
+        return {"CUDA_VISIBLE_DEVICES": ",".join(gpus[engine * tp : (engine + 1) * tp])} if gpus else {}
+
+
+@dataclass(frozen=True)
 class Step:
     """One `lopd` invocation. `nproc_per_node > 1` or `nnodes > 1`: launched with torchrun.
-    `shards > 1`: run once per shard with `--shard i/N` appended."""
+    `engines`: run as engine processes (`EngineLayout`), each with `--shard i/N` appended."""
 
     args: tuple[Any, ...]  # str() of each is the argument
     nproc_per_node: int = 1
     nnodes: int = 1
-    shards: int = 1
+    engines: Optional[EngineLayout] = None
+    only_after_several_engines: bool = False  # e.g. finalizing a store: a lone engine did it itself
+
+
+def visible_gpus() -> list[str]:
+    """This node's GPUs as CUDA_VISIBLE_DEVICES names them (what SLURM or the user allowed)."""
+    names = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if names is not None:
+        return [n.strip() for n in names.split(",") if n.strip() and n.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def lopd_command(env: StageEnv) -> tuple[list[str], str]:

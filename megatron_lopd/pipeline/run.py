@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from megatron_lopd.errors import ArtifactError, ConfigError, LopdError
 from megatron_lopd.pipeline.config import CONFIG_NAME, PipelineConfig
-from megatron_lopd.pipeline.launch import slurm_node_topology, stage_environ
+from megatron_lopd.pipeline.launch import slurm_node_topology, stage_environ, visible_gpus
 from megatron_lopd.pipeline.plan import Plan, StaleError, plan, set_aside, stage_states
 from megatron_lopd.pipeline.stages import Stage, StageState, build_stages, select_stages
 
@@ -58,7 +58,7 @@ def run_stage(stage: Stage, log_dir: Path | None = None, echo: Callable[[str], N
         )
     if execute is not None and stage.uses_torchrun():
         raise ConfigError(f"stage {stage.name} starts torchrun ranks, which cannot run in this process", "run it as subprocesses (no execute)")
-    node_rank, master_addr, master_port = slurm_node_topology() if stage.uses_torchrun() else (0, "127.0.0.1", 29500)
+    node_rank, master_addr, master_port = slurm_node_topology() if stage.uses_torchrun() or stage.nnodes > 1 else (0, "127.0.0.1", 29500)
     if stage.fresh_output and stage.output.exists():
         from megatron_lopd.runtime.files import remove_owned_dir
 
@@ -68,16 +68,25 @@ def run_stage(stage: Stage, log_dir: Path | None = None, echo: Callable[[str], N
         remove_owned_dir(stage.output, stage.owns, "partial HF export", flag=f"stage {stage.name}")
     log = log_dir / f"{stage.name}.log" if log_dir is not None and execute is None else None
     if execute is None:
-        argvs, execute = stage.commands(node_rank, master_addr, master_port), _subprocesses(stage_environ(stage.env), log)
-    else:
-        argvs = [args for _step, args in stage.invocations()]
+        waves, run_wave = stage.launches(node_rank, master_addr, master_port, visible_gpus()), _side_by_side(stage_environ(stage.env), log)
+    else:  # in this process: one command after the other (the demo: one engine)
+        waves = [[(args, env) for _step, args, env in wave] for wave in stage.waves()]
+        run_wave = lambda wave: [execute(argv) for argv, _env in wave]  # noqa: E731
     t0 = time.monotonic()
-    for argv in argvs:
-        echo(f"[pipeline] {stage.name}: {shlex.join(argv)}")
-        rc = execute(argv)
-        if rc != 0:
-            where = f"; log: {log}" if log else ""
-            raise StageFailed(f"stage {stage.name}: `{argv[0]} {' '.join(argv[1:3])} ...` exited with {rc}{where}", "fix the cause and rerun: finished stages are skipped")
+    for i, wave in enumerate(waves):
+        for argv, env in wave:
+            echo(f"[pipeline] {stage.name}: {' '.join(f'{k}={v}' for k, v in env.items())}{' ' if env else ''}{shlex.join(argv)}")
+        codes = run_wave(wave)
+        failed = [(argv, rc) for (argv, _env), rc in zip(wave, codes) if rc != 0]
+        engines_on_every_node = i == 0 and stage.nnodes > 1 and not stage.uses_torchrun()
+        if engines_on_every_node:  # node 0 runs the rest once every node's engines ended
+            _engines_barrier(stage, node_rank, failed[0][1] if failed else 0, echo)
+        if failed:
+            (argv, rc), where = failed[0], f"; log: {log}" if log else ""
+            more = f" ({len(failed)} of {len(wave)} processes failed)" if len(wave) > 1 else ""
+            raise StageFailed(f"stage {stage.name}: `{argv[0]} {' '.join(argv[1:3])} ...` exited with {rc}{more}{where}", "fix the cause and rerun: finished stages are skipped")
+        if engines_on_every_node and node_rank != 0:
+            break
     if node_rank != 0:
         return StageResult(stage.name, "done", "non-zero node rank", time.monotonic() - t0)
     try:
@@ -89,16 +98,55 @@ def run_stage(stage: Stage, log_dir: Path | None = None, echo: Callable[[str], N
     return StageResult(stage.name, "done", detail, seconds)
 
 
-def _subprocesses(environ: dict[str, str], log: Optional[Path]) -> Execute:
-    """An `Execute` that runs each argv as a subprocess with `environ`, its output appended to `log`."""
-    def execute(argv: list[str]) -> int:
-        if log is None:
-            return subprocess.run(argv, env=environ).returncode
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as out:
-            return subprocess.run(argv, env=environ, stdout=out, stderr=subprocess.STDOUT).returncode
+def _side_by_side(environ: dict[str, str], log: Optional[Path]) -> Callable[[list], list[int]]:
+    """Runs a wave's (argv, environment) processes side by side with `environ` (+ each one's own),
+    their output appended to `log`; returns their exit codes. The first failure stops the others
+    (SIGTERM; chunks and shards are written whole, so a rerun finishes their work)."""
+    def run_wave(wave: list) -> list[int]:
+        out = None
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            out = open(log, "a")
+        try:
+            procs = [subprocess.Popen(argv, env={**environ, **env}, stdout=out, stderr=subprocess.STDOUT if out else None)
+                     for argv, env in wave]
+            while any(p.poll() is None for p in procs):
+                if any(p.returncode not in (None, 0) for p in procs):
+                    for p in procs:
+                        if p.poll() is None:
+                            p.terminate()
+                time.sleep(0.2)
+            return [p.returncode for p in procs]
+        finally:
+            if out is not None:
+                out.close()
 
-    return execute
+    return run_wave
+
+
+def _engines_barrier(stage: Stage, node_rank: int, rc: int, echo: Callable[[str], None], poll_s: float = 5.0) -> None:
+    """Multi-node engine stages: each node records how its engines ended; node 0 waits for every
+    node before the steps that need all of them (finalizing a store). A node's failure fails it."""
+    from megatron_lopd.runtime.files import atomic_write
+
+    life = f"{os.environ.get('SLURM_JOB_ID', 'local')}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    root = stage.output.parent / f".{stage.name}-engines" / life
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / f"node-{node_rank}", str(rc))
+    if node_rank != 0 or rc != 0:
+        return
+    started = last = time.monotonic()
+    while True:
+        ended = {p.name: p.read_text().strip() for p in root.glob("node-*")}
+        failed = sorted(name for name, code in ended.items() if code != "0")
+        if failed:
+            raise StageFailed(f"stage {stage.name}: the engines of {', '.join(failed)} failed", "see that node's log; rerun: finished work is kept")
+        if len(ended) == stage.nnodes:
+            return
+        if time.monotonic() - last > 60:
+            echo(f"[pipeline] {stage.name}: waiting for {stage.nnodes - len(ended)} node(s) to finish ({time.monotonic() - started:.0f} s)")
+            last = time.monotonic()
+        time.sleep(poll_s)
 
 
 def lopd_in_process(args: list[str]) -> int:

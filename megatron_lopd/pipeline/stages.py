@@ -11,8 +11,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from megatron_lopd.errors import ArtifactError, ConfigError, LopdError
 from megatron_lopd.pipeline.checks import check_teacher_wrote_sft_data, check_training_inputs, owned_hf_export, verify_eval, verify_rollouts, verify_store
-from megatron_lopd.pipeline.config import GenerateSettings, PipelineConfig, ScoreSettings, StageEnv, TrainSettings
-from megatron_lopd.pipeline.launch import Step, lopd_command, torchrun_command
+from megatron_lopd.pipeline.config import EngineSettings, GenerateSettings, PipelineConfig, ScoreSettings, StageEnv, TrainSettings
+from megatron_lopd.pipeline.launch import EngineLayout, Step, lopd_command, torchrun_command
 from megatron_lopd.pipeline.staleness import (eval_differences, export_differences, generation_differences, model_now, opd_differences,
                                               recorded_artifact, recorded_export, score_differences, training_differences)
 from megatron_lopd.provenance import verify_hf_export
@@ -90,22 +90,41 @@ class Stage:
 
     @property
     def nnodes(self) -> int:
-        return max(s.nnodes for s in self.steps)
+        return max(s.engines.nodes if s.engines else s.nnodes for s in self.steps)
 
-    def invocations(self) -> list[tuple[Step, list[str]]]:
-        """(step, `lopd` arguments) of every process this stage starts on one node, in order."""
-        out = []
+    def waves(self, node_rank: int = 0, gpus: Sequence[str] = ()) -> list[list[tuple[Step, list[str], dict[str, str]]]]:
+        """(step, `lopd` arguments, environment) of every process this stage starts on one node (with
+        `gpus`, as CUDA_VISIBLE_DEVICES names them), in waves: the processes of a wave run side by
+        side (the engines of an engine step), the waves one after another. The shard of each
+        engine is explicit, never guessed from the launcher's environment."""
+        out, total = [], 0
         for step in self.steps:
-            for shard in range(step.shards):
-                # explicit, never guessed from the launcher's environment (SLURM array, srun, torchrun)
-                out.append((step, [str(a) for a in step.args] + ([f"--shard={shard}/{step.shards}"] if _sharded(step.args) else [])))
+            args = [str(a) for a in step.args]
+            if step.engines is None:
+                if not (step.only_after_several_engines and total == 1):
+                    out.append([(step, args, {})])
+                continue
+            per_node = step.engines.engines_on(len(gpus))
+            total = per_node * step.engines.nodes
+            out.append([(step, [*args, f"--shard={node_rank * per_node + j}/{total}"], step.engines.devices(gpus, j))
+                        for j in range(per_node)])
         return out
 
-    def commands(self, node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 29500) -> list[list[str]]:
+    def invocations(self, node_rank: int = 0, gpus: Sequence[str] = ()) -> list[tuple[Step, list[str]]]:
+        """(step, `lopd` arguments) of every process this stage starts on one node, in order."""
+        return [(step, args) for wave in self.waves(node_rank, gpus) for step, args, _env in wave]
+
+    def commands(self, node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 29500,
+                 gpus: Sequence[str] = ()) -> list[list[str]]:
         """The argv of every process this stage starts on one node, in order."""
+        return [argv for wave in self.launches(node_rank, master_addr, master_port, gpus) for argv, _env in wave]
+
+    def launches(self, node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 29500,
+                 gpus: Sequence[str] = ()) -> list[list[tuple[list[str], dict[str, str]]]]:
+        """`waves` as (argv, environment): torchrun for multi-process steps, the stage's `lopd` otherwise."""
         lopd, python = lopd_command(self.env)
-        return [torchrun_command(python, lopd, args, step, node_rank, master_addr, master_port) if step.nproc_per_node > 1 or step.nnodes > 1
-                else [*lopd, *args] for step, args in self.invocations()]
+        return [[(torchrun_command(python, lopd, args, step, node_rank, master_addr, master_port) if step.nproc_per_node > 1 or step.nnodes > 1
+                  else [*lopd, *args], env) for step, args, env in wave] for wave in self.waves(node_rank, gpus)]
 
 
 def build_stages(config: PipelineConfig) -> list[Stage]:
@@ -114,16 +133,16 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
     p = ArtifactPaths(Path(config.work_dir))
     teacher = Path(config.teacher)  # ONE object for both teacher stages: consistency by construction
     base = Path(config.base_student)
-    sft_overrides = _train_overrides(config.sft, {
+    sft_overrides = train_overrides(config.sft, {
         "model.start_from": base, "data.sft_data": p.sft_data, "run_dir": p.sft_run, "checkpoint.export_hf": True})
-    opd_overrides = _train_overrides(config.trainer, {
+    opd_overrides = train_overrides(config.trainer, {
         "model.start_from": p.sft_model, "data.store": p.store, "data.sft_data": p.sft_data, "run_dir": p.opd_run,
         "checkpoint.export_hf": False})
     sft_data = Stage(
         "sft_data",
         inputs={"teacher": teacher, "prompts": Path(config.sft_prompts)},
         outputs={"sft_data": p.sft_data},
-        steps=(Step(_generate_args(teacher, config.sft_prompts, p.sft_data, config.sft_data, "sft_data"), shards=config.sft_data.shards),),
+        steps=(Step(_generate_args(teacher, config.sft_prompts, p.sft_data, config.sft_data, "sft_data"), engines=_engines(config.sft_data)),),
         verify=verify_rollouts,
         env=config.envs.resolve("sft_data"),
         provenance=lambda: generation_differences(p.sft_data, "sft_data", "teacher", lambda: model_now(teacher),
@@ -146,7 +165,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         "rollouts",
         inputs={"sft_model": p.sft_model, "prompts": Path(config.opd_prompts)},
         outputs={"rollouts": p.rollouts},
-        steps=(Step(_generate_args(p.sft_model, config.opd_prompts, p.rollouts, config.rollouts, "rollouts"), shards=config.rollouts.shards),),
+        steps=(Step(_generate_args(p.sft_model, config.opd_prompts, p.rollouts, config.rollouts, "rollouts"), engines=_engines(config.rollouts)),),
         verify=verify_rollouts,
         env=config.envs.resolve("rollouts"),
         producers={"sft_model": "sft"},
@@ -196,9 +215,11 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
                 "eval",
                 inputs={"student_model": p.student_model, "data": Path(config.eval_data)},
                 outputs={"eval": p.eval},
+                # The last engine to finish merges the shards' results.
                 steps=(Step(("eval", "--model", str(p.student_model), "--data", str(config.eval_data), "--out", str(p.eval),
                              "--samples-per-problem", str(e.samples_per_problem), "--max-tokens", str(e.max_tokens),
-                             "--temperature", str(e.temperature), "--top-p", str(e.top_p), "--backend", e.backend, "--no-progress", *e.extra_args)),),
+                             "--temperature", str(e.temperature), "--top-p", str(e.top_p), *e.engine_args(), "--no-progress",
+                             *e.extra_args), engines=_engines(e)),),
                 verify=verify_eval,
                 env=config.envs.resolve("eval"),
                 producers={"student_model": "export"},
@@ -221,11 +242,7 @@ TRAIN_KEYS = {
 }
 
 
-def _sharded(args: Sequence[str]) -> bool:
-    return args[0] in ("generate", "score") and "--finalize" not in args
-
-
-def _train_overrides(settings: TrainSettings, paths: dict[str, Any]) -> list[str]:
+def train_overrides(settings: TrainSettings, paths: dict[str, Any]) -> list[str]:
     """`key=value` overrides for `lopd train`: the typed knobs, the stage's paths, then `overrides`."""
     values = {key: getattr(settings, knob) for knob, key in TRAIN_KEYS.items() if getattr(settings, knob) is not None}
     values.update(paths)
@@ -244,7 +261,7 @@ def _override_text(value: Any) -> str:
 def _generate_args(model: Path, prompts: str, out: Path, s: GenerateSettings, kind: str) -> tuple[str, ...]:
     args = ["generate", "--model", str(model), "--prompts", str(prompts), "--out", str(out), "--kind", kind, "--n", str(s.n),
             "--temperature", str(s.temperature), "--top-p", str(s.top_p), "--max-tokens", str(s.max_tokens),
-            "--seed", str(s.seed), "--backend", s.backend, "--dtype", s.dtype, "--no-progress"]
+            "--seed", str(s.seed), *s.engine_args(), "--no-progress"]
     if s.thinking:
         args += ["--thinking", s.thinking]
     if kind == "rollouts":  # R's raw log-prob of each sampled token: the drift monitor's reference
@@ -252,12 +269,16 @@ def _generate_args(model: Path, prompts: str, out: Path, s: GenerateSettings, ki
     return tuple(args + list(s.extra_args))
 
 
+def _engines(s: EngineSettings) -> EngineLayout:
+    return EngineLayout(tensor_parallel=s.tensor_parallel, per_node=s.engines_per_node, nodes=s.nodes)
+
+
 def _score_steps(teacher: Path, p: ArtifactPaths, s: ScoreSettings) -> tuple[Step, ...]:
-    base = ("score", "--rollouts", str(p.rollouts), "--teacher", str(teacher), "--out", str(p.store),
-            "--top-k", str(s.top_k), "--backend", s.backend, "--dtype", s.dtype, "--no-progress", *s.extra_args)
-    if s.shards == 1:  # the only worker finalizes the store itself
-        return (Step(base),)
-    return (Step(base, shards=s.shards), Step(("score", "--out", str(p.store), "--finalize", "--no-progress")))
+    """The scoring engines, then one `--finalize` after every engine exited (a lone engine
+    finalizes the store itself)."""
+    score = ("score", "--rollouts", str(p.rollouts), "--teacher", str(teacher), "--out", str(p.store),
+             "--top-k", str(s.top_k), *s.engine_args(), "--no-progress", *s.extra_args)
+    return (Step(score, engines=_engines(s)), Step(("score", "--out", str(p.store), "--finalize", "--no-progress"), only_after_several_engines=True))
 
 
 def _precheck_training(settings: TrainSettings, overrides: list[str], needs: Sequence[str], store: Path,

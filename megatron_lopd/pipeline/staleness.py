@@ -152,7 +152,7 @@ def training_differences(run_dir: Path, section: str, config: str, overrides: Se
     return diffs
 
 
-# trainer keys whose values are pipeline paths (build_stages' `_train_overrides(..., paths)`)
+# trainer keys whose values are pipeline paths (build_stages' `train_overrides(..., paths)`)
 _PIPELINE_PATH_KEYS = frozenset({"model.start_from", "data.store", "data.sft_data", "run_dir"})
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from megatron_lopd.cli import main
-from megatron_lopd.errors import ArtifactError
-from megatron_lopd.artifacts import RolloutArtifact
+from megatron_lopd.errors import ArtifactError, ConfigError, LopdError
+from megatron_lopd.artifacts import ArtifactWriter, RolloutArtifact
 from megatron_lopd.generation import SamplingParams, load_backend
 from megatron_lopd.generation.generate import GenerateConfig, generate_artifact
 from megatron_lopd.provenance import model_fingerprint, tokenizer_fingerprint
@@ -67,6 +67,49 @@ def test_resume_skips_written_chunks_and_refuses_other_settings(tiny_hf_dir, pro
         generate_artifact(_cfg(tiny_hf_dir, prompts5, out, sampling=hotter), backend=backend)
 
 
+def _longest_prompt(model, prompts) -> int:
+    from megatron_lopd.generation.prompts import load_prompt_set, load_tokenizer
+
+    return max(len(ids) for ids in load_prompt_set(prompts, load_tokenizer(model)).token_ids)
+
+
+def test_max_model_len_is_no_part_of_the_identity(tiny_hf_dir, prompts5, tmp_path, backend):
+    """It cannot change the bytes: not recorded, a resume may change it, and one that would cut a
+    response (longest prompt + max_tokens) is refused before anything is written."""
+    needed = _longest_prompt(tiny_hf_dir, prompts5) + SAMPLING.max_tokens
+    out = tmp_path / "ro"
+    with pytest.raises(ConfigError, match=rf"--max-model-len {needed - 1} would cut responses short of --max-tokens 16: "
+                                          rf"the longest prompt \+ --max-tokens is {needed} tokens .*raise --max-model-len to {needed}"):
+        generate_artifact(_cfg(tiny_hf_dir, prompts5, out, max_model_len=needed - 1), backend=backend)
+    assert not out.exists()
+    first = generate_artifact(_cfg(tiny_hf_dir, prompts5, out, shard=(0, 2), max_model_len=needed), backend=backend)
+    assert first.chunks_written == 2
+    assert "max_model_len" not in json.loads((out / "plan.json").read_text())["params"]
+    assert generate_artifact(_cfg(tiny_hf_dir, prompts5, out, max_model_len=4 * needed), backend=backend).artifact is not None
+
+
+class _EngineThatCannotStart:
+    def generate(self, *args, **kwargs):
+        raise LopdError("vLLM could not start an engine", "lower --max-model-len")
+
+
+def test_an_artifact_with_no_chunk_yet_is_replanned(tiny_hf_dir, prompts5, tmp_path, backend, caplog):
+    """A run whose engine could not start wrote only the plan: the retry may change any setting. Once a
+    chunk exists the plan is fixed, and a run still holding the replaced plan stops before it writes."""
+    out = tmp_path / "ro"
+    with pytest.raises(LopdError, match="could not start"):
+        generate_artifact(_cfg(tiny_hf_dir, prompts5, out), backend=_EngineThatCannotStart())
+    stale = ArtifactWriter(out, json.loads((out / "plan.json").read_text()))
+    shorter = SamplingParams(temperature=1.0, max_tokens=8, n=2, seed=3, record_logprobs=True)
+    art = generate_artifact(_cfg(tiny_hf_dir, prompts5, out, sampling=shorter), backend=backend).artifact
+    assert "re-planned with the new settings (params changed)" in caplog.text
+    assert art.manifest.params["max_tokens"] == 8 and max(len(r.response_ids) for r in art) <= 8
+    with pytest.raises(ArtifactError, match="different settings \\(params differ\\)"):
+        generate_artifact(_cfg(tiny_hf_dir, prompts5, out), backend=backend)
+    with pytest.raises(ArtifactError, match="re-planned with other settings by another `lopd generate` while this one ran"):
+        stale.write_chunk(0, [art[i] for i in range(4)])
+
+
 def test_cli_manifest_records_provenance(tiny_hf_dir, prompts5, tmp_path, capsys):
     out = tmp_path / "sft"
     rc = main(["generate", "--model", str(tiny_hf_dir), "--prompts", str(prompts5), "--out", str(out), "--backend", "hf",
@@ -111,6 +154,8 @@ def test_cli_bad_inputs_one_line_each(tiny_hf_dir, tmp_path, capsys):
         (["--prompts", str(tmp_path / "nope.jsonl")], "does not exist"),
         (["--prompts", str(broken), "--model", str(no_weights)], "no weight files"),
         (["--prompts", str(broken), "--shard", "2/2"], "--shard 2/2: need 0 <= I < N"),
+        (["--prompts", str(write_prompts(tmp_path / "ok.jsonl", n=1)), "--max-tokens", "16", "--max-model-len", "20"],
+         "--max-model-len 20 would cut responses short of --max-tokens 16"),
     ]
     for extra, expected in cases:
         args = ["generate", "--model", str(tiny_hf_dir), "--out", str(tmp_path / "out"), "--backend", "hf", *extra]

@@ -8,7 +8,7 @@ import torch
 
 from megatron_lopd.errors import ArtifactError, ConfigError
 from megatron_lopd.generation import SamplingParams, load_backend
-from megatron_lopd.generation.hf_backend import sample_tokens, top_p_filter
+from megatron_lopd.generation.hf_backend import _batches_by_tokens, sample_tokens, top_p_filter
 from tests.generation.reference import assert_topk_matches, full_logprobs, next_token_logprobs, token_logprobs
 
 ATOL = 2e-5  # float32 model vs float64 reference on a 2-layer model
@@ -96,10 +96,11 @@ def _flat(out):
 def test_samples_do_not_depend_on_batch_size_or_split(tiny_hf_dir):
     """Same seeds, same samples: rows per batch 1 / 2 / 5 / 512, and the prompts split over three calls.
 
-    Mixed prompt lengths (batches hold one length each), stop tokens so rows end at different steps
-    (finished rows leave the cache mid-batch), and a context of 40 so that long prompts get fewer
-    than max_tokens. Tokens and finish reasons must be identical; log-probs within 1e-6 (float32
-    matmuls of different batch sizes may differ in the last bits), and within 2e-5 of float64."""
+    Mixed prompt lengths (left-padded together from 2 rows per batch on), stop tokens so rows end at
+    different steps (finished rows leave the cache mid-batch), and a context of 40 so that long
+    prompts get fewer than max_tokens (rows of one batch with different limits). Tokens and finish
+    reasons must be identical; log-probs within 1e-5 (float32 matmuls of other shapes differ in
+    the last bits: 9.5e-7 measured), and within 2e-5 of float64."""
     rng = np.random.default_rng(5)
     prompts = [rng.integers(7, 100, size=int(rng.choice([3, 3, 3, 5, 8, 30]))).tolist() for _ in range(9)]
     params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=25, n=3, seed=21, record_logprobs=True,
@@ -116,7 +117,7 @@ def test_samples_do_not_depend_on_batch_size_or_split(tiny_hf_dir):
     for other in results[1:]:
         assert [r[:2] for r in other] == [r[:2] for r in reference]
         for (_, _, lp), (_, _, ref_lp) in zip(other, reference):
-            np.testing.assert_allclose(lp, ref_lp, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(lp, ref_lp, atol=1e-5, rtol=0)
     stops, lengths = {40, 41, 42, 43, 1}, set()
     for (ids, reason, lp), p in zip(reference, [p for p in prompts for _ in range(3)]):
         lengths.add(len(ids))
@@ -129,21 +130,74 @@ def test_samples_do_not_depend_on_batch_size_or_split(tiny_hf_dir):
 
 
 def test_greedy_batched_equals_one_prompt_at_a_time(tiny_hf_dir):
-    """Greedy over a batch of mixed-length prompts == each prompt alone == the float64 argmax at every step."""
+    """Greedy over mixed-length prompts decoded in one left-padded batch == each prompt alone: tokens
+    identical, recorded log-probs within 1e-5 (float32 on other shapes); tokens == the float64 argmax."""
     rng = np.random.default_rng(8)
     prompts = [rng.integers(7, 100, size=int(rng.integers(2, 12))).tolist() for _ in range(12)]
-    params = SamplingParams(temperature=0, max_tokens=10, n=2)
+    params = SamplingParams(temperature=0, max_tokens=10, n=2, record_logprobs=True)
     be = load_backend("hf", tiny_hf_dir)
+    decoded_lengths = []  # prompt lengths of each decoded batch
+    decode = be._decode
+    be._decode = lambda batch, *rest: decoded_lengths.append(sorted({len(p) for p in batch})) or decode(batch, *rest)
     batched = be.generate(prompts, params)
+    assert decoded_lengths == [sorted({len(p) for p in prompts})] and len(decoded_lengths[0]) > 5  # one mixed batch
     alone = [be.generate([p], params)[0] for p in prompts]
     be.close()
     assert [[s.response_ids for s in x] for x in batched] == [[s.response_ids for s in x] for x in alone]
+    for x, y in zip(batched, alone):
+        for s, s_alone in zip(x, y):
+            np.testing.assert_allclose(s.logprobs, s_alone.logprobs, atol=1e-5, rtol=0)
     for p, (first, second) in zip(prompts, batched):
         assert first.response_ids == second.response_ids  # greedy ignores the seed
         for t, tok in enumerate(first.response_ids):
             ref = next_token_logprobs(tiny_hf_dir, p + first.response_ids[:t])
             runner_up = np.sort(ref)[-2]
             assert ref[tok] == ref.max() or ref.max() - runner_up < 1e-5, (p, t)  # a float64 near-tie may go either way
+
+
+def test_a_row_ends_at_its_own_context_in_a_batch_that_goes_on(tiny_hf_dir):
+    """A 30-token prompt (context 33: 3 new tokens) batched with a 2-token one (8 new tokens): the long row
+    ends at 3 tokens with "length", although the batch decodes on and its 4th greedy token would stop it."""
+    long_prompt, short_prompt = list(range(10, 40)), [9, 20]
+    free = load_backend("hf", tiny_hf_dir)
+    continuation = free.generate([long_prompt], SamplingParams(temperature=0, max_tokens=4))[0][0].response_ids
+    free.close()
+    stop = continuation[3]
+    assert len(continuation) == 4 and stop not in continuation[:3]  # the setup: the 4th token would be a stop
+    be = load_backend("hf", tiny_hf_dir, max_model_len=33)
+    long_sample, short_sample = (x[0] for x in be.generate([long_prompt, short_prompt],
+                                                          SamplingParams(temperature=0, max_tokens=8, stop_token_ids=(stop,))))
+    be.close()
+    assert (long_sample.response_ids, long_sample.finish_reason) == (continuation[:3], "length")
+    assert len(short_sample.response_ids) > 3  # the batch went on past the long row's limit
+
+
+def test_batches_are_bounded_by_tokens_not_by_equal_lengths():
+    """rows x (longest prompt + most new tokens) <= budget, longest first, whatever the lengths; one row at least."""
+    lengths, new = [5, 30, 7, 12, 3, 100], [20, 10, 20, 20, 20, 0]
+    batches = _batches_by_tokens(lengths, 120, 8, new_tokens=new)
+    # 2 x (100 + 10) > 120; 2 x (30 + 20) = 100 but 3 x 50 > 120; 3 x (7 + 20) = 81.
+    assert batches == [[5], [1, 3], [2, 0, 4]]
+    assert _batches_by_tokens(lengths, 120, 2, new_tokens=new) == [[5], [1, 3], [2, 0], [4]]  # max_rows
+    assert _batches_by_tokens([50, 40, 10], 90, 8) == [[0], [1, 2]]  # scoring: rows x longest
+    assert _batches_by_tokens([50, 40, 10], 100, 8) == [[0, 1], [2]]
+
+
+def test_logsoftmax_chunks_follow_the_byte_budget(backend, tiny_hf_dir):
+    """Scoring in 3-position log-softmax chunks (a budget of 3 float32 rows x 2 buffers) == unchunked:
+    token log-probs, top-k ids and log-probs within 1e-5 (the LM head on other row counts: a few float32 ulps)."""
+    vocab = 128
+    chunked = load_backend("hf", tiny_hf_dir, batch_tokens=300, max_batch=3, logsoftmax_bytes=3 * vocab * 8 + 7)
+    assert chunked.logsoftmax_rows == 3 and backend.logsoftmax_rows >= 300  # the module's backend: one chunk per batch
+    prompts, responses = _sequences(np.random.default_rng(2))
+    for s, ref in zip(chunked.score(prompts, responses, top_k=6), backend.score(prompts, responses, top_k=6)):
+        np.testing.assert_allclose(s.token_logprobs, ref.token_logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(s.topk_ids, ref.topk_ids)
+        np.testing.assert_allclose(s.topk_logprobs, ref.topk_logprobs, atol=1e-5, rtol=0)
+    chunked.close()
+    default = load_backend("hf", tiny_hf_dir)
+    assert default.logsoftmax_rows == (512 << 20) // (vocab * 8)  # 512 MiB: 441 positions at Qwen3's 151,936
+    default.close()
 
 
 def test_sample_tokens_follows_the_tempered_top_p_distribution():

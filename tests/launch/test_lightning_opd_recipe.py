@@ -39,16 +39,23 @@ def test_each_factory_layout_fits_its_model_and_node(factory, shape):
     the student's shape and its world (nodes x GPUs), and whose optimizer options reach
     megatron-core's OptimizerConfig. (MoE: TP 4 x EP 8 on 8 GPUs only works with expert TP 1.)"""
     from megatron_lopd.models.qwen3 import named_config
-    from megatron_lopd.pipeline.stages import _train_overrides
+    from megatron_lopd.pipeline.stages import train_overrides
     from megatron_lopd.training.config import resolve_config
     from megatron_lopd.training.loop import megatron_optimizer_config
     from megatron_lopd.training.preflight import StartModel, check_layout, row_multiple
 
+    from megatron_lopd.pipeline.memory import EnginePlan, check_plans, pipeline_plans
+
     config = pipeline_config(factory())
+    # The memory plan on 8 x 80 GB H100 (79.2 GiB each): every stage fits, every engine stage uses all 8 GPUs.
+    plans = pipeline_plans(config, gpus_per_node=8, gpu_memory_gib=79.2)
+    assert {p.stage for p in plans} == {"sft_data", "rollouts", "score", "eval", "sft", "train"}
+    check_plans(plans)
+    assert all(p.engines * p.tensor_parallel == 8 and p.sequences_fit >= 4 for p in plans if isinstance(p, EnginePlan))
     start = StartModel("named", None, named_config(shape), None, None, None)
     paths = {"model.start_from": "/m", "data.store": "/s", "data.sft_data": "/d"}
     for settings in (config.sft, config.trainer):
-        train = resolve_config(settings.config, _train_overrides(settings, paths))
+        train = resolve_config(settings.config, train_overrides(settings, paths))
         world = settings.nproc_per_node * settings.nnodes
         dp = check_layout(train, start, None, world)
         assert dp * train.parallel.tensor_parallel * train.parallel.pipeline_parallel == world
@@ -63,9 +70,22 @@ def test_each_factory_layout_fits_its_model_and_node(factory, shape):
             assert train.parallel.expert_tensor_parallel == 1 and train.parallel.expert_parallel == 8
             assert (mcore.optimizer_offload_fraction, mcore.overlap_cpu_optimizer_d2h_h2d) == (1.0, True)
             assert (train.model.recompute, train.data.micro_batch_tokens) == ("full", 12288)
-            moe_etp4 = resolve_config(settings.config, _train_overrides(settings, {**paths, "parallel.expert_tensor_parallel": 4}))
+            moe_etp4 = resolve_config(settings.config, train_overrides(settings, {**paths, "parallel.expert_tensor_parallel": 4}))
             with pytest.raises(Exception, match="not divisible by expert TP 4 x EP 8 x PP 1 = 32"):
                 check_layout(moe_etp4, start, None, world)
+
+
+def test_an_engine_layout_that_cannot_fit_is_refused_with_the_fix():
+    """Qwen3-32B at TP 1 with its 40,960-token context on an 80 GB H100: one sequence's KV cache
+    (10 GiB) exceeds what the 61 GiB of weights leave; the line names the fix."""
+    from megatron_lopd.errors import ConfigError
+    from megatron_lopd.pipeline.memory import check_plans, pipeline_plans
+
+    config = pipeline_config(qwen3_8b())
+    config.sft_data.tensor_parallel, config.sft_data.max_model_len = 1, 40960
+    with pytest.raises(ConfigError, match=r"stage sft_data: one 40,960-token sequence needs 10.0 GiB of KV cache per GPU, but TP 1 "
+                                          r"leaves .* \(fix: raise tensor_parallel to 2 or lower max_model_len to [\d,]+\)"):
+        check_plans(pipeline_plans(config, gpus_per_node=8, gpu_memory_gib=79.2))
 
 
 def test_each_stage_gets_its_own_environment_and_executor(tmp_path, monkeypatch):
@@ -106,7 +126,7 @@ def test_each_stage_gets_its_own_environment_and_executor(tmp_path, monkeypatch)
 @pytest.mark.slow  # three nemo-run CLI start-ups, ~20 s each on a busy 2-core machine
 def test_cli_overrides_and_bad_arguments_set_the_exit_code(tmp_path):
     env = launch_env()
-    proc = subprocess.run(recipe_cmd("--factory", "qwen3_8b", "trainer.lr=1e-6", "score.shards=8", f"work_dir={tmp_path / 'w'}", "--dryrun", "--yes"),
+    proc = subprocess.run(recipe_cmd("--factory", "qwen3_8b", "trainer.lr=1e-6", "score.engines_per_node=8", f"work_dir={tmp_path / 'w'}", "--dryrun", "--yes"),
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     plan = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if line.startswith("[lightning_opd] ") and ": " in line)

@@ -10,8 +10,8 @@ def test_config_file_roundtrip_and_overrides(config, tmp_path):
     config.envs.train = StageEnv(venv="/v", env={"NCCL_DEBUG": "INFO"})
     path = config.save(tmp_path / "p.json")
     assert PipelineConfig.load(path) == config
-    loaded = PipelineConfig.load(path, ["trainer.lr=1e-6", "score.shards=4", "eval_data=none", "envs.train.venv=null", "envs.train.python=/p/python"])
-    assert loaded.trainer.lr == 1e-6 and loaded.score.shards == 4 and loaded.eval_data is None
+    loaded = PipelineConfig.load(path, ["trainer.lr=1e-6", "score.tensor_parallel=4", "eval_data=none", "envs.train.venv=null", "envs.train.python=/p/python"])
+    assert loaded.trainer.lr == 1e-6 and loaded.score.tensor_parallel == 4 and loaded.eval_data is None
     assert loaded.envs.train.python == "/p/python" and loaded.envs.train.env == {"NCCL_DEBUG": "INFO"}
     assert [s.name for s in build_stages(loaded)][-1] == "export"  # no eval data: no eval stage
     toml = tmp_path / "p.toml"

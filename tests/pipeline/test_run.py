@@ -134,3 +134,57 @@ def test_a_resumed_recipe_launch_verifies_each_output_once(store_done, verificat
     pending = [s for s in stages if s.name in ("train", "export", "eval")]
     assert report(config.absolute(), pending, {s.name: {"status": "SUCCEEDED"} for s in pending}, detached=False, known=known) == 1
     assert verifications == dict.fromkeys(("train", "export", "eval"), 1)
+
+
+# --------------------------------------------------------------------------- engines side by side
+
+
+def _artifact_records(path):
+    from megatron_lopd.artifacts import RolloutArtifact
+
+    art = RolloutArtifact.open(path)
+    return art.fingerprint, [(r.prompt_id, r.sample_index, r.response_ids.tolist(), r.finish_reason) for r in art]
+
+
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])
+def test_engines_side_by_side_write_what_one_engine_writes(tmp_path_factory, backend):
+    """Two engine processes of a stage run at once (engines_per_node=2: two `lopd generate` shards
+    started together by the runner), each owning every other chunk; the artifact they finish is
+    the one a single engine writes (same fingerprint, same records)."""
+    from tests.pipeline.conftest import tiny_config
+
+    if backend == "vllm":
+        pytest.importorskip("vllm")
+    config = tiny_config(tmp_path_factory, f"engines-{backend}")
+    config.sft_data.backend = backend
+    config.sft_data.extra_args = ["--chunk-size", "2"]  # 8 prompts: 4 chunks, 2 per engine
+    one = dataclasses.replace(config, work_dir=str(Path(config.work_dir).parent / "one"))
+    lines: list[str] = []
+    run_local(one, "sft_data", echo=lines.append)
+    config.sft_data.engines_per_node = 2
+    run_local(config, "sft_data", echo=lines.append)
+    started = [line for line in lines if "sft_data: " in line and " generate " in line]
+    assert [line.split("--shard=")[1].split()[0] for line in started] == ["0/1", "0/2", "1/2"], started
+    assert _artifact_records(Path(config.work_dir) / "sft_data") == _artifact_records(Path(one.work_dir) / "sft_data")
+
+
+def test_multi_node_engines_wait_for_every_node_before_finalizing(tmp_path, monkeypatch):
+    """nodes > 1: each node records how its engines ended; node 0 goes on (to finalize) only once
+    every node's engines ended well, and fails naming a node whose engines failed."""
+    import threading
+
+    from megatron_lopd.pipeline.run import _engines_barrier
+
+    stage = dataclasses.make_dataclass("S", ["name", "output", "nnodes"])("score", tmp_path / "store", 2)
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    waited = threading.Thread(target=_engines_barrier, args=(stage, 0, 0, lambda line: None), kwargs={"poll_s": 0.05})
+    waited.start()
+    waited.join(0.3)
+    assert waited.is_alive()  # node 1 has not finished yet
+    _engines_barrier(stage, 1, 0, lambda line: None)  # a non-zero node records and returns at once
+    waited.join(5)
+    assert not waited.is_alive()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued life does not read the previous life's records
+    _engines_barrier(stage, 1, 3, lambda line: None)
+    with pytest.raises(StageFailed, match="stage score: the engines of node-1 failed"):
+        _engines_barrier(stage, 0, 0, lambda line: None, poll_s=0.05)

@@ -58,15 +58,36 @@ def test_train_stage_argv_carries_paths_knobs_and_torchrun(config):
     assert {"--nnodes=2", "--node-rank=1", "--master-addr=node7", "--master-port=1234"} <= set(argv)
 
 
-def test_sharded_scoring_runs_every_shard_then_finalizes(config):
-    config.score.shards = 3
+def test_engine_stages_fill_the_node_with_pinned_engines_then_finalize(config):
+    """An engine stage runs GPUs / TP engines side by side on a node, each pinned to its own GPUs
+    (CUDA_VISIBLE_DEVICES) and owning shard node_rank * E + j of N = E x nodes; scoring then
+    finalizes once (a lone engine finalizes itself). Bad layouts are refused in one line."""
+    config.score.tensor_parallel = 2
     score = {s.name: s for s in build_stages(config)}["score"]
-    cmds = score.commands()
-    assert [c[-1] for c in cmds] == ["--shard=0/3", "--shard=1/3", "--shard=2/3", "--no-progress"]
-    assert "--finalize" in cmds[-1] and all("--finalize" not in c for c in cmds[:-1])
-    config.score.shards = 1  # one worker finalizes itself
-    (cmd,) = {s.name: s for s in build_stages(config)}["score"].commands()
+    eight = [str(g) for g in range(8)]
+    engines, finalize = score.launches(gpus=eight)
+    assert [env for _argv, env in engines] == [{"CUDA_VISIBLE_DEVICES": d} for d in ("0,1", "2,3", "4,5", "6,7")]
+    assert [argv[-1] for argv, _env in engines] == [f"--shard={j}/4" for j in range(4)]
+    assert all(argv[argv.index("--tensor-parallel") + 1] == "2" and argv[argv.index("--dtype") + 1] == "bfloat16" for argv, _ in engines)
+    assert "--max-model-len" not in engines[0][0]  # what the work needs, decided by the engine
+    ((final, final_env),) = finalize
+    assert "--finalize" in final and final_env == {}
+    config.score.nodes, config.score.engines_per_node = 2, 3
+    node1 = {s.name: s for s in build_stages(config)}["score"].waves(node_rank=1, gpus=eight)[0]
+    assert [args[-1] for _step, args, _env in node1] == ["--shard=3/6", "--shard=4/6", "--shard=5/6"]
+    # No GPUs (CPU, a dry run on a laptop): one engine, which finalizes the store itself.
+    config.score.nodes, config.score.engines_per_node, config.score.tensor_parallel = 1, 0, 1
+    ((cmd,),) = [[argv for argv, _ in wave] for wave in {s.name: s for s in build_stages(config)}["score"].launches()]
     assert cmd[-1] == "--shard=0/1" and "--finalize" not in cmd
+    config.score.tensor_parallel = 3
+    with pytest.raises(ConfigError, match=r"this node's 8 GPUs are not divisible by tensor_parallel=3"):
+        {s.name: s for s in build_stages(config)}["score"].launches(gpus=eight)
+    config.score.tensor_parallel, config.score.engines_per_node = 4, 3
+    with pytest.raises(ConfigError, match=r"3 engines x tensor_parallel 4 need 12 GPUs, this node has 8"):
+        {s.name: s for s in build_stages(config)}["score"].launches(gpus=eight)
+    config.score.gpu_memory_utilization = 1.5
+    with pytest.raises(ConfigError, match=r"score.gpu_memory_utilization=1.5 is not valid"):
+        build_stages(config)
 
 
 def test_stage_environments_resolve_per_stage(config):
