@@ -166,6 +166,24 @@ def test_engines_side_by_side_write_what_one_engine_writes(tmp_path_factory, bac
     started = [line for line in lines if "sft_data: " in line and " generate " in line]
     assert [line.split("--shard=")[1].split()[0] for line in started] == ["0/1", "0/2", "1/2"], started
     assert _artifact_records(Path(config.work_dir) / "sft_data") == _artifact_records(Path(one.work_dir) / "sft_data")
+    # Scoring that artifact with its own writer (the consistent teacher): two engines, then one
+    # finalize, write the store one engine writes (every shard file byte for byte).
+    from megatron_lopd.pipeline.checks import verify_store
+    from megatron_lopd.pipeline.launch import EngineLayout, Step
+    from tests.generation.test_score import _assert_same_store
+
+    stores = {}
+    for engines in (1, 2):
+        out = Path(config.work_dir).parent / f"store-{engines}"
+        score = ("score", "--rollouts", str(Path(one.work_dir) / "sft_data"), "--teacher", config.teacher, "--out", str(out), "--top-k", "4",
+                 "--backend", backend, "--dtype", "float32", "--sequences-per-shard", "2", "--no-progress")
+        stage = Stage("score", inputs={}, outputs={"store": out}, verify=verify_store, env=StageEnv(),
+                      steps=(Step(score, engines=EngineLayout(per_node=engines)),
+                             Step(("score", "--out", str(out), "--finalize", "--no-progress"), only_after_several_engines=True)))
+        run_stage(stage, echo=lines.append)
+        stores[engines] = out
+    assert sum(" --finalize " in line for line in lines) == 1  # only after the two engines
+    _assert_same_store(stores[2], stores[1])
 
 
 def test_multi_node_engines_wait_for_every_node_before_finalizing(tmp_path, monkeypatch):
