@@ -64,24 +64,15 @@ def _vllm_prefill(backend, prompts, responses):
     backend._run(seqs, [params] * len(seqs))
 
 
-def _vllm_flat(k):
+def _vllm_without(switch: str, k):
+    """Scoring with one of the backend's fast paths switched off (`tensor_logprobs`: vLLM's flat
+    path; `batched_logprobs`: vLLM's own runner path with our output hook)."""
     def run(backend, prompts, responses):
-        backend.tensor_logprobs = False
+        setattr(backend, switch, False)
         try:
             backend.score(prompts, responses, k)
         finally:
-            backend.tensor_logprobs = True
-
-    return run
-
-
-def _vllm_runner(k):
-    def run(backend, prompts, responses):
-        backend.batched_logprobs = False
-        try:
-            backend.score(prompts, responses, k)
-        finally:
-            backend.batched_logprobs = True
+            setattr(backend, switch, True)
 
     return run
 
@@ -134,9 +125,9 @@ def bench_backend(name: str, model: Path, ks: list[int], prompts, responses, rou
     for k in ks:
         modes[f"score k={k}"] = _score(k)
         if name == "vllm" and backend.runner_hook:
-            modes[f"vllm-runner k={k}"] = _vllm_runner(k)
+            modes[f"vllm-runner k={k}"] = _vllm_without("batched_logprobs", k)
         if name == "vllm":
-            modes[f"vllm-flat k={k}"] = _vllm_flat(k)
+            modes[f"vllm-flat k={k}"] = _vllm_without("tensor_logprobs", k)
     tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
     rates: dict[str, list[float]] = {m: [] for m in modes}
     cpu_rates: dict[str, list[float]] = {m: [] for m in modes}

@@ -734,9 +734,7 @@ def phase_checkpoint(report: Report, args, shape: str, sequences, workdir: Path)
     with children_die_with_parent():  # dist_checkpointing's writer processes go with us
         trainer = build_trainer(cfg_a, provider)
         try:
-            for _ in range(k):
-                rec = trainer.train_step(_next(trainer))
-                trainer.step += 1
+            for rec in _train_steps(trainer, k):
                 log(f"  checkpoint run: step {trainer.step} loss {rec['loss']:.6f}")
             sync()
             t0 = time.perf_counter()
@@ -746,11 +744,7 @@ def phase_checkpoint(report: Report, args, shape: str, sequences, workdir: Path)
             sec["bytes"] = sum(f.stat().st_size for f in Path(ckpt).rglob("*") if f.is_file())
             sec["size_gib"] = gib(sec["bytes"])
             log(f"  saved {ckpt} ({sec['size_gib']} GiB) in {sec['save_s']} s")
-            before = []
-            for _ in range(2):
-                rec = trainer.train_step(_next(trainer))
-                trainer.step += 1
-                before.append(rec)
+            before = list(_train_steps(trainer, 2))
         finally:
             trainer.close()
             del trainer
@@ -779,11 +773,7 @@ def phase_checkpoint(report: Report, args, shape: str, sequences, workdir: Path)
         sec["load_s"] = round(load_s[0], 2) if load_s else None
         try:
             resumed_at = trainer.step
-            after = []
-            for _ in range(2):
-                rec = trainer.train_step(_next(trainer))
-                trainer.step += 1
-                after.append(rec)
+            after = list(_train_steps(trainer, 2))
         finally:
             trainer.close()
             del trainer
@@ -802,10 +792,14 @@ def phase_checkpoint(report: Report, args, shape: str, sequences, workdir: Path)
     sec["loss_change_between_steps_rel"] = abs(before[1]["loss"] - before[0]["loss"]) / max(1.0, abs(before[0]["loss"]))
 
 
-def _next(trainer):
-    batch = trainer.data.next_step()
-    batch.wait_s = 0.0
-    return batch
+def _train_steps(trainer, n: int):
+    """Train `n` steps of the trainer's own data stream; yields each step's record."""
+    for _ in range(n):
+        batch = trainer.data.next_step()
+        batch.wait_s = 0.0
+        rec = trainer.train_step(batch)
+        trainer.step += 1
+        yield rec
 
 
 # ---- main -----------------------------------------------------------------------------------
