@@ -23,12 +23,24 @@ def register(subparsers) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="delete an existing demo in --out and start over")
     mode.add_argument("--resume", action="store_true", help="continue an interrupted demo from its last finished stage")
+    p.add_argument("--comparison-losses", default="topk_reverse_kl",
+                   help="comma-separated losses of the teacher-B and online runs (default topk_reverse_kl; "
+                        "add lightning_opd for the paper's loss, one more run of each)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_handle)
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from megatron_lopd.demo.run import run_demo
+    import dataclasses
 
-    run_demo(args.out, seed=args.seed, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+    from megatron_lopd.demo.run import LOSS_LABELS, DemoSizes, run_demo
+    from megatron_lopd.errors import ConfigError
+
+    losses = tuple(dict.fromkeys(x.strip() for x in args.comparison_losses.split(",") if x.strip()))
+    unknown = [x for x in losses if x not in LOSS_LABELS or x == "sft"]
+    if unknown or not losses:
+        raise ConfigError(f"--comparison-losses {args.comparison_losses!r}: unknown {', '.join(unknown) or 'empty list'}",
+                          f"use some of {', '.join(k for k in LOSS_LABELS if k != 'sft')}")
+    sizes = dataclasses.replace(DemoSizes(), comparison_losses=losses)
+    run_demo(args.out, seed=args.seed, sizes=sizes, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
     return 0

@@ -82,11 +82,11 @@ def findings(summary: dict[str, Any]) -> list[str]:
     def vs(a: str, b: str) -> Diff:
         return paired_diff(correct[a], correct[b])
 
-    def against_lightning(prefix: str):
-        """(run, its variant, the Lightning run with the same loss, Lightning minus run, the loss label) per `prefix` run."""
+    def against_lightning(base: str):
+        """(run, its variant, the Lightning run with the same loss, Lightning minus run, the loss label) per run of kind `base`."""
         for name, v in variants.items():
             ref = next((n for n, w in variants.items() if w["loss"] == v["loss"] and n.startswith("lightning")), None)
-            if name.startswith(prefix) and ref is not None:
+            if v["base"] == base and ref is not None:
                 yield name, v, ref, vs(ref, name), v["label"].split("(")[-1].rstrip(")")
 
     # 1. Lightning OPD against R, per loss.
@@ -110,6 +110,24 @@ def findings(summary: dict[str, Any]) -> list[str]:
                        "No difference beyond 2 SE in this run.")
             + f" KL of the final student to teacher A: {_kl(acc[ref]['kl_to_teacher_a'])} (A) vs {_kl(acc[name]['kl_to_teacher_a'])} (B)."
         )
+
+    # 2b. Cross-teacher correction: teacher B's scores with the style part subtracted, same loss.
+    meter = summary.get("consistency", {}).get("meter", {})
+    for name, v, ref, d, loss in against_lightning("offline_teacher_b_residualized"):
+        plain = next((n for n, w in variants.items() if w["base"] == "offline_teacher_b" and w["loss"] == v["loss"]), None)
+        text = f"**Cross-teacher correction ({loss}):** teacher B's scores style-residualized gave {_pct(acc[name]['pass1'])}%"
+        if plain is not None:
+            dp = vs(name, plain)
+            text += (f", plain teacher B {_pct(acc[plain]['pass1'])}%: corrected minus plain {dp.text()}: "
+                     + _verdict(dp, "the correction helped.", "the correction hurt.", "no difference beyond 2 SE."))
+        text += f" Consistent teacher A minus corrected B: {d.text()}."
+        if "teacher_b" in meter:
+            b = meter["teacher_b"]
+            text += (f" The meter on B's store: |lpT - lpR| > 1 nat at {_pct(b['gap']['share_over_1nat'])}% of tokens "
+                     f"(teacher A's store: {_pct(meter['teacher_a']['gap']['share_over_1nat'])}%); the cross-fitted style tables "
+                     f"explain {_pct(b['explained']['style'])}% of the gap's variance, leaving {_pct(b['residual']['share_over_1nat'])}% "
+                     "of tokens beyond 1 nat.")
+        out.append(text)
 
     # 3. Offline (Lightning) vs online, same loss: accuracy and cost.
     tokens = summary["teacher_forward_tokens"]
@@ -204,12 +222,33 @@ def _accuracy_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _meter_section(summary: dict[str, Any]) -> list[str]:
+    """The consistency meter (`lopd store consistency`) on both teachers' stores of the same rollouts."""
+    c = summary.get("consistency")
+    if not c:
+        return []
+    lines = ["## Teacher-R consistency meter", "",
+             "| store | mean lpT - lpR | median | share > 1 nat | variance explained by style (token / position x surprisal / both) | residual share > 1 nat |",
+             "|---|---|---|---|---|---|"]
+    for key, label in (("teacher_a", "teacher A (wrote the SFT data)"), ("teacher_b", "teacher B")):
+        m = c["meter"][key]
+        e = m["explained"]
+        lines.append(f"| {label} | {m['gap']['mean']:+.3f} | {m['gap']['quantiles']['0.5']:+.3f} | {_pct(m['gap']['share_over_1nat'])}% | "
+                     f"{_pct(e['token'])} / {_pct(e['cell'])} / {_pct(e['style'])}% | {_pct(m['residual']['share_over_1nat'])}% |")
+    top = ", ".join(f"`{t.get('text', t['token'])}` {t['mean_gap']:+.1f}" for t in c["meter"]["teacher_b"]["recurring"])
+    lines += ["", f"Teacher B's largest recurring gaps (token: mean nats over the rollouts using it): {top}. "
+              f"Corrected sampled-token scores above 0: {_pct(c['positive_scores'])}% of tokens; the top-k with the token table "
+              f"applied and renormalised moved {_kl(c['topk_kl'])} nats/position (KL) and changed the top-1 at "
+              f"{_pct(c['topk_top1_changed'])}% of positions.", ""]
+    return lines
+
+
 def report_markdown(summary: dict[str, Any]) -> str:
     s, sizes, wall, tokens = summary, summary["sizes"], summary["wall_clock_s"], summary["teacher_forward_tokens"]
     cpu = summary.get("cpu_s", {"stages": {}, "total": 0.0})
     ex = s["example"]
     variants = s["variants"]
-    opted_out = [v["label"] for n, v in variants.items() if n.startswith("offline_teacher_b")]
+    opted_out = [v["label"] for v in variants.values() if v["base"] == "offline_teacher_b"]
     lines = [
         f"# Lightning OPD demo (seed {s['seed']})",
         "",
@@ -237,6 +276,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "",
         *[f"- {f}" for f in findings(s)],
         "",
+        *_meter_section(s),
         "## Curves",
         "",
         f"![accuracy and KL to teacher A against step]({PLOT_NAME})",
@@ -270,7 +310,9 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "- Teacher B's run uses the trainer's research opt-out `teacher_consistency.allow_inconsistent_teacher=true`: "
         "the trainer refuses a store whose teacher did not write the SFT data, and logs the opt-out in the run's "
         f"manifest ({', '.join(opted_out) or 'no such run'}).",
-        f"- The teacher-B and online comparisons train with the {', '.join(sorted({v['loss'] for n, v in variants.items() if n.startswith(('offline_teacher_b', 'online'))}))} "
+        "- The style-residualized store (`lopd store residualize`, defaults) is accepted by the trainer without the opt-out; "
+        "the correction follows public descriptions of Lightning OPD 2.0 (arXiv 2607.28449), whose full text could not be read.",
+        f"- The teacher-B and online comparisons train with the {', '.join(sorted({v['loss'] for v in variants.values() if v['base'].startswith(('offline_teacher_b', 'online'))}))} "
         "loss (the demo's `comparison_losses`); the paper's loss runs as the pipeline's own train stage.",
         "- The online runs use the trainer with a live data stream (`megatron_lopd.demo.online`): each step the current "
         "student's weights go to the transformers sampler, and teacher A scores the fresh samples.",

@@ -14,6 +14,9 @@ What runs (every model is a tiny Qwen3 built here; see `task.py` for the task):
     lightning_topk     Lightning OPD from the same R and store, top-k reverse KL loss
     score_teacher_b    teacher B scores the same rollouts into a second store
     offline_teacher_b  offline OPD on that store (the consistency ablation; opted out loudly)
+    residualize_teacher_b  the consistency meter on both stores; teacher B's store corrected
+                       for style (`store.style`, after Lightning OPD 2.0)
+    offline_teacher_b_residualized  offline OPD on the corrected store (accepted, no opt-out)
     online             standard OPD: fresh student samples every step, teacher A scores live
     continued_sft      R trained further on the SFT data (reference row)
     report             report.md, the plot, summary.json
@@ -51,9 +54,12 @@ VARIANT_KINDS = {
     "lightning": "Lightning OPD",
     "lightning_topk": "Lightning OPD",
     "offline_teacher_b": "offline OPD, teacher B's scores",
+    "offline_teacher_b_residualized": "offline OPD, teacher B's scores style-residualized",
     "online": "standard online OPD, teacher A live",
     "continued_sft": "continued SFT from R",
 }
+# The runs made once per comparison loss; a longer name first (it starts with a shorter one).
+COMPARISON_BASES = ("offline_teacher_b_residualized", "offline_teacher_b", "online")
 LOSS_LABELS = {"lightning_opd": "paper loss", "topk_reverse_kl": "top-k reverse KL", "topk_forward_kl": "top-k forward KL", "sft": "cross-entropy"}
 
 
@@ -114,7 +120,7 @@ class DemoSizes:
 
 
 def comparison_name(base: str, loss: str) -> str:
-    """Run name of a comparison run ("offline_teacher_b", "online") for one loss; top-k RKL is the plain name."""
+    """Run name of a comparison run (one of COMPARISON_BASES) for one loss; top-k RKL is the plain name."""
     return base if loss == "topk_reverse_kl" else f"{base}_{loss}"
 
 
@@ -122,23 +128,26 @@ def variant_names(sizes: DemoSizes) -> list[str]:
     """Variant run names, in report order (the comparison runs once per comparison loss)."""
     return (
         ["lightning", "lightning_topk"]
-        + [comparison_name("offline_teacher_b", loss) for loss in sizes.comparison_losses]
-        + [comparison_name("online", loss) for loss in sizes.comparison_losses]
+        + [comparison_name(base, loss) for base in ("offline_teacher_b", "offline_teacher_b_residualized", "online")
+           for loss in sizes.comparison_losses]
         + ["continued_sft"]
     )
+
+
+def variant_base(name: str) -> str:
+    """The kind of a variant run (a key of VARIANT_KINDS)."""
+    return next((b for b in COMPARISON_BASES if name == b or name.startswith(b + "_")), name)
 
 
 def variant_loss(name: str) -> str:
     fixed = {"lightning": "lightning_opd", "lightning_topk": "topk_reverse_kl", "continued_sft": "sft"}
     if name in fixed:
         return fixed[name]
-    base = next(b for b in ("offline_teacher_b", "online") if name.startswith(b))
-    return name[len(base) + 1 :] or "topk_reverse_kl"
+    return name[len(variant_base(name)) + 1 :] or "topk_reverse_kl"
 
 
 def variant_label(name: str) -> str:
-    base = next(b for b in VARIANT_KINDS if name == b or (name.startswith(b + "_") and b in ("offline_teacher_b", "online")))
-    return f"{VARIANT_KINDS[base]} ({LOSS_LABELS[variant_loss(name)]})"
+    return f"{VARIANT_KINDS[variant_base(name)]} ({LOSS_LABELS[variant_loss(name)]})"
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,6 +207,10 @@ class DemoPaths:
     @property
     def store_b(self) -> Path:
         return self.work / "variants" / "teacher_b_store"
+
+    @property
+    def store_b_residualized(self) -> Path:
+        return self.work / "variants" / "teacher_b_store_residualized"
 
     def measure(self, name: str) -> Path:
         return self.work / "measures" / name
@@ -640,6 +653,26 @@ class Demo:
             "loss": loss, "data": "teacher B store (consistency opt-out)",
             "teacher_forward_tokens": self.state["stages"]["score_teacher_b"]["teacher_forward_tokens"]})
 
+    def stage_residualize_teacher_b(self) -> dict[str, Any]:
+        """The consistency meter on both stores, then teacher B's store corrected for style (default StyleConfig)."""
+        from megatron_lopd.generation.prompts import load_tokenizer
+        from megatron_lopd.store.style import consistency_report, residualize_store
+
+        tokenizer = load_tokenizer(self.paths.tokenizer)
+        meter_a = consistency_report(self.paths.pipeline / "teacher_store", tokenizer=tokenizer, top=5)
+        result = residualize_store(self.paths.store_b, self.paths.store_b_residualized, overwrite=True, tokenizer=tokenizer)
+        brief = lambda r: {k: v for k, v in r.to_dict().items() if k in ("gap", "residual", "explained", "recurring", "config")}  # noqa: E731
+        return {"meter": {"teacher_a": brief(meter_a), "teacher_b": brief(result.report)},
+                "positive_scores": result.positive_scores, "topk_kl": result.topk_kl, "topk_top1_changed": result.topk_top1_changed}
+
+    def stage_offline_teacher_b_residualized(self, name: str, loss: str) -> dict[str, Any]:
+        run_dir = self.paths.variant(name)
+        t0 = time.perf_counter()
+        self.run_training(self.offline_overrides(name, loss, self.paths.store_b_residualized, run_dir))  # accepted: no opt-out
+        return self.finish_variant(name, run_dir, run_dir / "hf", time.perf_counter() - t0, {
+            "loss": loss, "data": "teacher B store, style-residualized",
+            "teacher_forward_tokens": self.state["stages"]["score_teacher_b"]["teacher_forward_tokens"]})
+
     def stage_online(self, name: str, loss: str) -> dict[str, Any]:
         from megatron_lopd.demo.online import OnlineConfig
 
@@ -700,6 +733,12 @@ class Demo:
         for loss in self.sizes.comparison_losses:
             name = comparison_name("offline_teacher_b", loss)
             out.append((name, f"offline OPD on teacher B's store ({LOSS_LABELS[loss]})", lambda n=name, l=loss: self.stage_offline_teacher_b(n, l), [p.variant(name)]))
+        out.append(("residualize_teacher_b", "consistency meter on both stores; teacher B's store style-residualized",
+                    self.stage_residualize_teacher_b, [p.store_b_residualized]))
+        for loss in self.sizes.comparison_losses:
+            name = comparison_name("offline_teacher_b_residualized", loss)
+            out.append((name, f"offline OPD on teacher B's style-residualized store ({LOSS_LABELS[loss]})",
+                        lambda n=name, l=loss: self.stage_offline_teacher_b_residualized(n, l), [p.variant(name)]))
         for loss in self.sizes.comparison_losses:
             name = comparison_name("online", loss)
             out.append((name, f"standard online OPD, teacher A live ({LOSS_LABELS[loss]})", lambda n=name, l=loss: self.stage_online(n, l), [p.variant(name)]))
@@ -762,7 +801,7 @@ def build_summary(demo: Demo) -> dict[str, Any]:
         accuracy[n] = acc(v["measure"])
         correct[n] = v["measure"]["correct"]
         variants[n] = {
-            "label": variant_label(n), "loss": v["loss"], "data": v["data"], "train_seconds": round(v["train_seconds"], 2),
+            "label": variant_label(n), "base": variant_base(n), "loss": v["loss"], "data": v["data"], "train_seconds": round(v["train_seconds"], 2),
             "teacher_forward_tokens": v["teacher_forward_tokens"], "curve": v["curve"], "metrics": v["metrics"],
             **({"online_stats": v["online_stats"]} if "online_stats" in v else {}),
         }
@@ -784,6 +823,8 @@ def build_summary(demo: Demo) -> dict[str, Any]:
             "offline_scoring_teacher_b": st.get("score_teacher_b", {}).get("teacher_forward_tokens"),
             **{f"online:{n}": variants[n]["teacher_forward_tokens"] for n in names if n.startswith("online")},
         },
+        **({"consistency": {k: st["residualize_teacher_b"][k] for k in ("meter", "positive_scores", "topk_kl", "topk_top1_changed")}}
+           if "residualize_teacher_b" in st else {}),
         "store": {"bytes_per_token": st["score"]["bytes_per_token"], "bytes": st["score"]["store_bytes"],
                   "response_tokens": st["score"]["response_tokens"], "top_k": st["score"]["top_k"]},
         "data": {"sft_data_correct": st["sft_data"]["correct_fraction"], "sft_data_backend": st["sft_data"]["backend"],

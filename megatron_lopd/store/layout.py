@@ -4,6 +4,7 @@ finalizer, reader and checks find their way around a store here, none through an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -179,3 +180,13 @@ def shard_problem(path: Path, meta: StoreMeta, s: int, *, marker_required: bool)
 
 def store_nbytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def store_fingerprint(path: Path, meta: StoreMeta) -> str:
+    """Which scoring of which rollouts a finalized store holds: its provenance, layout and every
+    shard's done marker (content digest, file sizes, write time). A rescore, even of the same
+    rollouts by the same teacher, changes it; reading the store does not. No data is read."""
+    h = hashlib.sha256(json_bytes({"meta": meta.layout_key(), "finalized_at": meta.finalized_at}))
+    for s in range(meta.num_shards):
+        h.update(marker_path(path, s).read_bytes())
+    return "store-" + h.hexdigest()[:32]

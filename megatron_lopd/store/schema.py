@@ -12,14 +12,17 @@ teacher_logprobs     float32 (R,)         log T(a_t | prompt, a_<t) of each samp
 topk_ids             int32 (R, k)         the teacher's top-k ids at each response position
 topk_logprobs        float16 (R, k)       their log-probs, sorted descending per position
 rollout_logprobs     float32 (R,)         the rollout policy's log-prob of each sampled token
-                                          (optional; feeds the drift monitor)
+                                          (optional; feeds the drift monitor and the
+                                          cross-teacher correction, `store.style`)
 prompt_id            str                  the prompt's id in its source dataset
 sample_index         int                  which of the n samples of that prompt
 content_hash         str (16 hex)         blake2b-64 of (prompt ids, response ids); derived
 ===================  ===================  ====================================================
 
 ``k = 0`` stores the sampled-token log-prob only (what the paper stores); then
-``topk_ids``/``topk_logprobs`` are None. All log-probs are at temperature 1.
+``topk_ids``/``topk_logprobs`` are None. All log-probs are at temperature 1. A store
+whose ``teacher_signal`` is ``style_residualized`` (written by `store.style`) holds
+corrected scores instead; see TEACHER_SIGNALS.
 
 Layout on disk (schema version 2)::
 
@@ -123,6 +126,13 @@ LOGPROB_POSITIVE_TOLERANCE = 1e-4
 # float16 rounding of the top-k value plus bf16-level slack: catches off-by-one alignment.
 SAMPLED_VS_TOPK_RTOL = 4e-3
 SAMPLED_VS_TOPK_ATOL = 1e-3
+
+# What `teacher_logprobs` holds. A style-residualized store (`store.style`) holds the teacher's
+# log-prob minus an estimated style offset: a corrected score that may be above 0 and that
+# its (separately corrected, renormalised) top-k entries need not equal.
+TEACHER_LOGPROBS = "logprob"
+STYLE_RESIDUALIZED = "style_residualized"
+TEACHER_SIGNALS = (TEACHER_LOGPROBS, STYLE_RESIDUALIZED)
 
 
 class RecordError(ArtifactError):
@@ -256,6 +266,7 @@ class StoreMeta:
     provenance: StoreProvenance
     chunk_tokens: int = 2048
     clevel: int = 3
+    teacher_signal: str = TEACHER_LOGPROBS  # one of TEACHER_SIGNALS
     schema_version: int = SCHEMA_VERSION
     complete: bool = False
     # Filled by the finalizer.
@@ -267,6 +278,10 @@ class StoreMeta:
     @property
     def num_shards(self) -> int:
         return -(-self.num_sequences // self.sequences_per_shard)
+
+    @property
+    def residualized(self) -> bool:
+        return self.teacher_signal == STYLE_RESIDUALIZED
 
     def dtypes(self) -> dict[str, str]:
         out = {**PROMPT_ARRAYS, **RESPONSE_ARRAYS, **SEQUENCE_ARRAYS}
@@ -294,9 +309,13 @@ class StoreMeta:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         try:
             known["provenance"] = StoreProvenance.from_dict(known["provenance"])
-            return cls(**known)
+            meta = cls(**known)
         except (KeyError, TypeError) as exc:
             raise ArtifactError(f"{where}: malformed teacher store attributes ({exc})", "rescore the store") from exc
+        if meta.teacher_signal not in TEACHER_SIGNALS:
+            raise ArtifactError(f"{where}: unknown teacher signal {meta.teacher_signal!r} (this code reads {', '.join(TEACHER_SIGNALS)})",
+                                "read it with the megatron-lopd version that wrote it")
+        return meta
 
     def layout_key(self) -> dict[str, Any]:
         """What a second `create` must match to reuse the store."""
@@ -309,6 +328,7 @@ class StoreMeta:
             "has_rollout_logprobs": self.has_rollout_logprobs,
             "chunk_tokens": self.chunk_tokens,
             "clevel": self.clevel,
+            "teacher_signal": self.teacher_signal,
             "provenance": self.provenance.comparable(),
         }
 
@@ -333,35 +353,38 @@ def _int_ids(index: int, rec: SequenceRecord, name: str, ids: Any, vocab_size: i
     return arr.astype(np.int32, copy=False)
 
 
-def _logprobs(index: int, rec: SequenceRecord, name: str, values: Any, shape: tuple[int, ...]) -> np.ndarray:
+def _logprobs(index: int, rec: SequenceRecord, name: str, values: Any, shape: tuple[int, ...], *, score: bool = False) -> np.ndarray:
+    """Finite log-probs <= 0 (rounding above 0 clamped); ``score``: any finite value (a corrected score)."""
     arr = np.asarray(values)
     if arr.shape != shape or not np.issubdtype(arr.dtype, np.floating):
         raise _fail(index, rec, f"{name} must be a float array of shape {shape}, got {arr.dtype} {arr.shape}",
                     "one log-prob per response position (top-k: R x k)")
-    bad = ~np.isfinite(arr) | (arr > LOGPROB_POSITIVE_TOLERANCE)
+    bad = ~np.isfinite(arr) | (False if score else arr > LOGPROB_POSITIVE_TOLERANCE)
     if bad.any():
         pos = np.argwhere(bad)[0]
         raise _fail(index, rec, f"{name} has an invalid log-prob {float(arr[tuple(pos)])} at position {tuple(int(p) for p in pos)}",
                     "log-probs must be finite and <= 0 (temperature-1 log-softmax); check the scorer")
-    return np.minimum(arr, 0)
+    return arr if score else np.minimum(arr, 0)
 
 
-def validate_record(rec: SequenceRecord, index: int, *, top_k: int, vocab_size: int, has_rollout_logprobs: bool
-                    ) -> SequenceRecord:
+def validate_record(rec: SequenceRecord, index: int, *, top_k: int, vocab_size: int, has_rollout_logprobs: bool,
+                    teacher_signal: str = TEACHER_LOGPROBS) -> SequenceRecord:
     """Checked, normalised copy of ``rec`` (int32 ids, float32 / float16 log-probs).
 
     Rejects: ids outside [0, vocab_size), non-finite or positive log-probs, wrong shapes,
     top-k rows not sorted descending or with repeated ids, a sampled token whose log-prob
     disagrees with its own top-k entry (an alignment bug in the scorer), a missing or
-    unexpected rollout_logprobs.
+    unexpected rollout_logprobs. A style-residualized store's `teacher_logprobs` are
+    corrected scores: only finiteness is checked (see TEACHER_SIGNALS).
     """
+    residualized = teacher_signal == STYLE_RESIDUALIZED
     if not isinstance(rec, SequenceRecord):
         raise RecordError(f"teacher store record for sequence {index}: expected a SequenceRecord, got {type(rec).__name__}",
                           "build records with megatron_lopd.store.SequenceRecord")
     prompt = _int_ids(index, rec, "prompt_ids", rec.prompt_ids, vocab_size, 1)
     response = _int_ids(index, rec, "response_ids", rec.response_ids, vocab_size, 1)
     n = len(response)
-    teacher = _logprobs(index, rec, "teacher_logprobs", rec.teacher_logprobs, (n,)).astype(np.float32)
+    teacher = _logprobs(index, rec, "teacher_logprobs", rec.teacher_logprobs, (n,), score=residualized).astype(np.float32)
     rollout = None
     if has_rollout_logprobs:
         if rec.rollout_logprobs is None:
@@ -398,7 +421,8 @@ def validate_record(rec: SequenceRecord, index: int, *, top_k: int, vocab_size: 
                 t = int(np.flatnonzero(dup)[0])
                 raise _fail(index, rec, f"topk_ids repeat a token at position {t}: {topk_ids[t].tolist()}",
                             "top-k ids must be distinct per position")
-        _check_sampled_against_topk(index, rec, response, teacher, topk_ids, lp)
+        if not residualized:
+            _check_sampled_against_topk(index, rec, response, teacher, topk_ids, lp)
         topk_lp = lp.astype(np.float16)
     return SequenceRecord(prompt, response, teacher, topk_ids, topk_lp, rollout, str(rec.prompt_id),
                           int(rec.sample_index), index)

@@ -36,7 +36,7 @@ from megatron_lopd.errors import ArtifactError, LopdError
 from megatron_lopd.store.format import ChecksumError, ShardedArray, read_small_array
 from megatron_lopd.store.layout import (PER_SEQUENCE, ShardMarker, done_shards, marker_path, read_meta, shard_array_names,
                                         shard_dir, shard_problem, shard_range, size_mismatch, store_nbytes, token_array_names)
-from megatron_lopd.store.schema import (SEQUENCES_DIR, TOPK_VOCABULARY, StoreMeta, aligned_positions, content_hash,
+from megatron_lopd.store.schema import (SEQUENCES_DIR, TEACHER_LOGPROBS, TOPK_VOCABULARY, StoreMeta, aligned_positions, content_hash,
                                         decode_topk_inplace, uint64_to_hash)
 
 
@@ -58,6 +58,7 @@ class StoreSummary:
     nbytes: int
     provenance: dict[str, Any]
     problems: list[str] = field(default_factory=list)  # missing markers / shard directories / files (inspect)
+    teacher_signal: str = TEACHER_LOGPROBS  # StoreMeta.teacher_signal
 
     @classmethod
     def of(cls, path: Path, meta: StoreMeta, shards_done: int, tokens: tuple[int, int] | None = None,
@@ -68,7 +69,7 @@ class StoreSummary:
                    num_sequences=meta.num_sequences, num_shards=meta.num_shards, shards_done=shards_done, top_k=meta.top_k,
                    vocab_size=meta.vocab_size, has_rollout_logprobs=meta.has_rollout_logprobs, prompt_tokens=prompt,
                    response_tokens=response, nbytes=store_nbytes(path), provenance=meta.provenance.to_dict(),
-                   problems=problems or [])
+                   problems=problems or [], teacher_signal=meta.teacher_signal)
 
     @property
     def bytes_per_token(self) -> float:
@@ -198,8 +199,11 @@ def _verify_shard(path: Path, meta: StoreMeta, s: int, report: VerifyReport) -> 
         if ids.size and (ids.min() < 0 or ids.max() >= meta.vocab_size):
             raise LopdError(f"array {name!r} holds ids outside the vocabulary")
     for name in ("teacher_logprobs", "rollout_logprobs"):
-        if name in data and not (np.isfinite(data[name]).all() and (data[name] <= 0).all()):
-            raise LopdError(f"array {name!r} holds non-finite or positive log-probs")
+        if name in data and not np.isfinite(data[name]).all():
+            raise LopdError(f"array {name!r} holds non-finite log-probs")
+        corrected_score = name == "teacher_logprobs" and meta.residualized  # may be above 0 (schema.TEACHER_SIGNALS)
+        if name in data and not corrected_score and (data[name] > 0).any():
+            raise LopdError(f"array {name!r} holds positive log-probs")
     if meta.top_k:
         vocabulary = read_small_array(group, TOPK_VOCABULARY, f"shard {s}")
         codes = data["topk_ids"][1:]

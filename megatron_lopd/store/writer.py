@@ -59,7 +59,8 @@ import megatron_lopd.store.layout as layout
 from megatron_lopd.store.format import write_small_array, write_token_array
 from megatron_lopd.store.layout import GROUP_JSON, ShardMarker, is_teacher_store, json_bytes, live_locks, read_meta, shard_name
 from megatron_lopd.store.schema import (ENCODINGS, MARKERS_DIR, SHARDS_DIR, TOPK_VOCABULARY, RecordError, SequenceRecord, StoreMeta,
-                                        StoreProvenance, aligned_positions, encode_topk, hash_to_uint64, validate_record)
+                                        StoreProvenance, TEACHER_LOGPROBS, TEACHER_SIGNALS, aligned_positions, encode_topk, hash_to_uint64,
+                                        validate_record)
 
 
 def _content_digest(hashes: Iterable[str]) -> str:
@@ -93,6 +94,7 @@ class StoreWriter:
         has_rollout_logprobs: bool,
         chunk_tokens: int = 2048,
         clevel: int = 3,
+        teacher_signal: str = TEACHER_LOGPROBS,
         overwrite: bool = False,
         fsync: bool = True,
         overwrite_flag: str = "overwrite=True",
@@ -114,12 +116,15 @@ class StoreWriter:
                                   f"pass a valid {name}")
         if top_k > vocab_size:
             raise ConfigError(f"teacher store {path}: top_k={top_k} exceeds vocab_size={vocab_size}", "lower top_k")
+        if teacher_signal not in TEACHER_SIGNALS:
+            raise ConfigError(f"teacher store {path}: teacher_signal={teacher_signal!r}", f"use one of {', '.join(TEACHER_SIGNALS)}")
         if clevel > 9:
             raise ConfigError(f"teacher store {path}: clevel={clevel} must be in 1..9", "pass a zstd level in 1..9")
         meta = StoreMeta(
             num_sequences=int(num_sequences), top_k=int(top_k), vocab_size=int(vocab_size),
             sequences_per_shard=int(sequences_per_shard), has_rollout_logprobs=bool(has_rollout_logprobs),
             provenance=StoreProvenance.coerce(provenance), chunk_tokens=int(chunk_tokens), clevel=int(clevel),
+            teacher_signal=teacher_signal,
         )
         if path.exists() and not path.is_dir():
             raise ArtifactError(f"teacher store {path} is a file, not a directory", "choose a directory path for the store")
@@ -258,7 +263,8 @@ class StoreWriter:
             )
         m = self.meta
         valid = [validate_record(rec, rng.start + j, top_k=m.top_k, vocab_size=m.vocab_size,
-                                 has_rollout_logprobs=m.has_rollout_logprobs) for j, rec in enumerate(records)]
+                                 has_rollout_logprobs=m.has_rollout_logprobs, teacher_signal=m.teacher_signal)
+                 for j, rec in enumerate(records)]
         hashes = [rec.content_hash for rec in valid]
         digest = _content_digest(hashes)
         existing = self.marker(shard_id)

@@ -620,6 +620,7 @@ class OfflineData:
         from megatron_lopd.artifacts import RolloutArtifact
         from megatron_lopd.provenance import Lineage
         from megatron_lopd.store import check_store_files
+        from megatron_lopd.store.style import residualized_record
 
         source = self.reopen(config)
         record: dict[str, Any] = {"start_from": str(start.path) if start.path else config.model.named, "start_fingerprint": start.fingerprint}
@@ -636,12 +637,16 @@ class OfflineData:
             art = RolloutArtifact.open(config.data.sft_data)
             sft_writer, tokenizers["sft_data"] = art.generator_fingerprint, art.tokenizer_fingerprint
             record["sft_data_fingerprint"] = art.fingerprint
+        meta = source.store.meta
         lineage = Lineage(teacher=prov.teacher_fingerprint, sft_data_writer=sft_writer,
                           rollout_policy=prov.rollout_generator_fingerprint or None,
-                          start=start.fingerprint, start_where=start.where, start_random=start.kind == "named", tokenizers=tokenizers)
+                          start=start.fingerprint, start_where=start.where, start_random=start.kind == "named", tokenizers=tokenizers,
+                          teacher_residualized=meta.residualized)
         record.update(
             store=str(source.path),
-            store_finalized_at=source.store.meta.finalized_at,  # which scoring of the rollouts (a rescore changes it)
+            store_finalized_at=meta.finalized_at,  # which scoring of the rollouts (a rescore changes it)
+            store_teacher_signal=meta.teacher_signal,
+            **({"style_residualized": residualized_record(prov)} if meta.residualized else {}),
             teacher_fingerprint=prov.teacher_fingerprint,
             store_tokenizer=prov.tokenizer_fingerprint,
             rollouts_fingerprint=prov.rollouts_fingerprint,

@@ -28,9 +28,9 @@ def _summary(r: list[int], variants: dict[str, list[int]]) -> dict:
         return {"pass1": sum(c) / len(c), "pass1_stderr": 0.01, "sampled_pass1": 0.5, "kl_to_teacher_a": 0.1, "response_tokens": 40.0}
 
     loss = {"lightning": "lightning_opd", "lightning_topk": "topk_reverse_kl", "offline_teacher_b": "topk_reverse_kl",
-            "online": "topk_reverse_kl", "continued_sft": "sft"}
+            "offline_teacher_b_residualized": "topk_reverse_kl", "online": "topk_reverse_kl", "continued_sft": "sft"}
     data = {"lightning": "teacher A store", "lightning_topk": "teacher A store", "offline_teacher_b": "teacher B store",
-            "online": "live", "continued_sft": "SFT data"}
+            "offline_teacher_b_residualized": "teacher B store, style-residualized", "online": "live", "continued_sft": "SFT data"}
     n = len(r)
     zeros = [0] * n
     return {
@@ -39,7 +39,7 @@ def _summary(r: list[int], variants: dict[str, list[int]]) -> dict:
                   "temperature": 1.0, "curve_every": 2, "teacher": {}, "student": {}},
         "accuracy": {"base_student": acc(zeros), "teacher_a": acc(zeros), "teacher_b": acc(zeros), "sft_R": acc(r), **{k: acc(v) for k, v in variants.items()}},
         "paired_correct": {"sft_R": r, **variants},
-        "variants": {k: {"label": k, "loss": loss[k], "data": data[k], "train_seconds": 10.0, "teacher_forward_tokens": 1000 if k != "online" else 3000,
+        "variants": {k: {"label": k, "base": k, "loss": loss[k], "data": data[k], "train_seconds": 10.0, "teacher_forward_tokens": 1000 if k != "online" else 3000,
                          "curve": [{"step": 0, "pass1": 0.5, "sampled_pass1": 0.4, "kl_to_teacher_a": 0.2},
                                    {"step": 4, "pass1": acc(v)["pass1"], "sampled_pass1": 0.4, "kl_to_teacher_a": 0.1}],
                          "metrics": []} for k, v in variants.items()},
@@ -73,6 +73,32 @@ def test_findings_follow_the_numbers():
     assert "The inconsistent teacher was better" in lines[2]
     assert "online OPD was better" in lines[3]
     assert "more SFT beat Lightning OPD" in lines[4]
+
+
+def meter(share: float, explained: float, residual: float) -> dict:
+    return {"gap": {"mean": -1.0, "share_over_1nat": share, "quantiles": {"0.5": -0.5}}, "residual": {"share_over_1nat": residual},
+            "explained": {"token": explained / 2, "cell": explained / 2, "style": explained}, "recurring": [{"token": 7, "text": ";", "mean_gap": -3.0}]}
+
+
+def test_cross_teacher_finding_and_meter_section(tmp_path):
+    r = [1] * 200 + [0] * 200
+    worse = [0] * 400
+    s = _summary(r, {"lightning": r, "lightning_topk": r, "offline_teacher_b": worse, "offline_teacher_b_residualized": r,
+                     "online": r, "continued_sft": r})
+    s["consistency"] = {"meter": {"teacher_a": meter(0.025, 0.10, 0.036), "teacher_b": meter(0.939, 0.228, 0.728)},
+                        "positive_scores": 0.35, "topk_kl": 0.68, "topk_top1_changed": 0.18}
+    lines = report.findings(s)
+    cross = next(line for line in lines if line.startswith("**Cross-teacher correction"))
+    assert "corrected minus plain +50.0 points" in cross and "the correction helped." in cross
+    assert "at 93.9% of tokens (teacher A's store: 2.5%)" in cross and "explain 22.8% of the gap's variance, leaving 72.8%" in cross
+    consistency = next(line for line in lines if line.startswith("**Teacher consistency"))
+    assert "scored by teacher B 0.0%" in consistency  # the plain B run, not the corrected one
+    md = report.report_markdown(s)
+    assert "## Teacher-R consistency meter" in md and "| teacher B | -1.000 | -0.500 | 93.9% | 11.4 / 11.4 / 22.8% | 72.8% |" in md
+    assert "`;` -3.0" in md and "changed the top-1 at 18.0% of positions" in md
+    assert "opt-out `teacher_consistency.allow_inconsistent_teacher=true`" in md and "manifest (offline_teacher_b)" in md
+    s["paired_correct"]["offline_teacher_b_residualized"] = worse
+    assert "no difference beyond 2 SE" in next(line for line in report.findings(s) if line.startswith("**Cross-teacher"))
 
 
 def test_write_report_files(tmp_path):

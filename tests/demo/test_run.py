@@ -59,6 +59,10 @@ def test_cli_refuses_an_existing_directory(tmp_path, capsys):
     assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
     with pytest.raises(SystemExit):
         main(["demo", "--out", str(tmp_path / "x"), "--overwrite", "--resume"])  # argparse: mutually exclusive
+    capsys.readouterr()
+    assert main(["demo", "--out", str(tmp_path / "y"), "--comparison-losses", "lightning_opd,sft"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown sft" in err[0] and "topk_reverse_kl" in err[0] and not (tmp_path / "y").exists()
 
 
 @pytest.mark.slow
@@ -90,6 +94,11 @@ def test_tiny_demo_end_to_end_resume_and_determinism(tmp_path):
     tokens = summary["teacher_forward_tokens"]
     assert tokens["offline_scoring_teacher_a"] == tokens["offline_scoring_teacher_b"] > st["response_tokens"] > 0
     assert st["bytes_per_token"] == pytest.approx(st["bytes"] / st["response_tokens"], rel=1e-3)
+    meter = summary["consistency"]["meter"]  # both stores measured, B's corrected and trained on without the opt-out
+    assert meter["teacher_b"]["gap"]["share_over_1nat"] > meter["teacher_a"]["gap"]["share_over_1nat"]
+    assert summary["variants"]["offline_teacher_b_residualized"]["data"] == "teacher B store, style-residualized"
+    manifest = json.loads((out / "work" / "variants" / "offline_teacher_b_residualized" / "manifest.json").read_text())
+    assert manifest["inputs"]["store_teacher_signal"] == "style_residualized" and not manifest["extra"]["consistency_warnings"]
     online = summary["variants"]["online"]["online_stats"]
     assert online["steps"] == sizes.opd_steps and tokens["online:online"] == online["teacher_forward_tokens"] > online["sampled_tokens"]
     wall = summary["wall_clock_s"]

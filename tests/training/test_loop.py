@@ -308,6 +308,12 @@ def bad_stores(pipeline):
     return out
 
 
+def residualized_store(store, root: Path) -> str:
+    from megatron_lopd.store.style import StyleConfig, residualize_store
+
+    return residualize_store(store, root / "residualized.zarr", StyleConfig(folds=2, position_bins=1, surprisal_bins=1, min_count=1)).out
+
+
 def _train_with_nan_sequence(overrides: list[str], nan_index: int):
     """Train on the configured store's sequences, but with NaN teacher log-probs for one of them.
 
@@ -367,6 +373,9 @@ def test_bad_input_and_nonfinite_steps(pipeline, bad_stores, tmp_path):
         "ids_past_vocab": run("i", **{"data.store": bad_stores["big_ids"], "data.seed": 5}),
         "corrupted": run("l", **{"data.store": bad_stores["corrupted"]}),
         "diverged": run("k", **{"optimizer.lr": 1e30, "optimizer.clip_grad": 0, "max_consecutive_nonfinite": 3}),
+        # Another teacher's scores, corrected for style (store.style): accepted without an opt-out.
+        "teacher_residualized": run("m", **no_sft, **{"teacher_consistency.sft_data_generator": "model-another-teacher",
+                                                      "data.store": residualized_store(pipeline["store"], tmp_path), "train_steps": 1}),
     }
     got = dict(zip(cases, run_distributed(_train_runs, world_size=1, runs=list(cases.values()))[0]))
     expect = {
@@ -389,6 +398,12 @@ def test_bad_input_and_nonfinite_steps(pipeline, bad_stores, tmp_path):
     assert f"teacher store {bad_stores['corrupted']}: array 'teacher_logprobs' of shard 1" in got["corrupted"]["error"], got["corrupted"]
     assert got["corrupted"]["error"].startswith("ArtifactError: ") and "checksum error in inner chunk" in got["corrupted"]["error"]
     assert not (tmp_path / "l" / "metrics.jsonl").exists()
+
+    assert "or correct this store for the teachers' style difference with `lopd store residualize" in got["teacher_mismatch"]["error"]
+    assert "error" not in got["teacher_residualized"] and not got["teacher_residualized"]["warnings"]
+    inputs = json.loads((tmp_path / "m" / "manifest.json").read_text())["inputs"]
+    assert inputs["store_teacher_signal"] == "style_residualized" and inputs["style_residualized"]["parent_fingerprint"].startswith("store-")
+    assert inputs["style_residualized"]["parent_store"] == str(Path(pipeline["store"]).resolve())
 
     # The research opt-out trains, says so in the run's metadata.
     assert "error" not in got["teacher_opt_out"] and got["teacher_opt_out"]["warnings"]
