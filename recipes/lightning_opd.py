@@ -364,15 +364,18 @@ def _paper_pipeline(student: str, teacher: str, work_dir: str, train_nodes: int,
         work_dir=work_dir,
         teacher=f"{_MODELS}/{teacher}",
         base_student=f"{_MODELS}/{student}",
-        sft_prompts=f"{_DATA}/openthoughts3_prompts.jsonl",
-        opd_prompts=f"{_DATA}/dapo_math_17k.jsonl",
-        eval_data=f"{_DATA}/aime24.jsonl",
-        sft_data=run.Config(GenerateSettings, temperature=0.7, top_p=0.9, max_tokens=16384, **by_teacher),
+        # The data sets as published (Hugging Face snapshots under $LOPD_DATA_DIR), read by their named formats.
+        sft_prompts=f"{_DATA}/OpenThoughts3-1.2M/data",
+        opd_prompts=f"{_DATA}/dapo-math-17k/dapo-math-17k.jsonl",
+        sft_data=run.Config(GenerateSettings, temperature=0.7, top_p=0.9, max_tokens=16384, format="openthoughts3", **by_teacher),
         sft=run.Config(TrainSettings, config="sft", lr=8e-5, steps=3000, global_batch_size=256, nproc_per_node=8, nnodes=train_nodes, **trainer),
-        rollouts=run.Config(GenerateSettings, temperature=0.7, top_p=0.9, max_tokens=4096, **by_student),
+        rollouts=run.Config(GenerateSettings, temperature=0.7, top_p=0.9, max_tokens=4096, format="dapo_math_17k_slime", **by_student),
         score=run.Config(ScoreSettings, top_k=16, **by_teacher),
         trainer=run.Config(TrainSettings, config="lightning_opd", lr=2e-6, steps=150, global_batch_size=256, nproc_per_node=8, nnodes=train_nodes, **trainer),
-        eval=run.Config(EvalSettings, samples_per_problem=64, max_tokens=32768, temperature=0.6, top_p=0.95, **by_student),
+        # The paper's table: each benchmark with its own sampling (megatron_lopd.evaluation.suite).
+        eval=run.Config(EvalSettings, suite="paper", suite_data={
+            "aime24": f"{_DATA}/aime_2024/data", "aime25": f"{_DATA}/AIME2025", "hmmt25": f"{_DATA}/hmmt_feb_2025/data",
+            "lcb_v5": f"{_DATA}/code_generation_lite", "lcb_v6": f"{_DATA}/code_generation_lite"}, **by_student),
     )
 
 

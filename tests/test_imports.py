@@ -20,14 +20,15 @@ ALLOWED = {
     "config": {"errors"},
     "provenance": {"errors", "runtime"},
     "artifacts": BASE,
+    "datasets": BASE,  # data files in their published layouts: no models, no engines
     "store": BASE,  # the store knows nothing of models or training
     "models": BASE,  # models know nothing of the store
-    "generation": BASE | {"artifacts", "store", "models"},
+    "generation": BASE | {"artifacts", "datasets", "store", "models"},
     "training": BASE | {"artifacts", "store", "models"},  # meets generation only through artifacts
-    "evaluation": BASE | {"artifacts", "generation", "models"},
-    "pipeline": BASE | {"artifacts", "store", "models", "generation", "training", "evaluation"},
-    "demo": BASE | {"artifacts", "store", "models", "generation", "training", "evaluation", "pipeline"},
-    "cli": BASE | {"artifacts", "store", "models", "generation", "training", "evaluation", "pipeline", "demo"},
+    "evaluation": BASE | {"artifacts", "datasets", "generation", "models"},
+    "pipeline": BASE | {"artifacts", "datasets", "store", "models", "generation", "training", "evaluation"},
+    "demo": BASE | {"artifacts", "datasets", "store", "models", "generation", "training", "evaluation", "pipeline"},
+    "cli": BASE | {"artifacts", "datasets", "store", "models", "generation", "training", "evaluation", "pipeline", "demo"},
 }
 
 

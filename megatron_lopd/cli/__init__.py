@@ -15,7 +15,7 @@ import sys
 from megatron_lopd.errors import LopdError
 
 # Subcommand modules, in the order `lopd --help` lists them.
-_COMMANDS = ("convert", "store", "generate", "score", "train", "eval", "pipeline", "demo")
+_COMMANDS = ("convert", "store", "data", "generate", "score", "train", "eval", "pipeline", "demo")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, role: str) -> None:
@@ -33,6 +33,36 @@ def add_engine_arguments(parser: argparse.ArgumentParser, role: str) -> None:
 def engine_options(args: argparse.Namespace) -> dict:
     """Backend options from `add_engine_arguments`'s flags that only some engines take."""
     return {} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, default_format: str, answers: bool) -> None:
+    """How `generate` and `eval` read their data file: a named format and the keys that override its fields."""
+    parser.add_argument("--format", default=None, metavar="NAME",
+                        help=f"data format: {default_format} (default), or a published layout, e.g. dapo_math_17k, openthoughts3, "
+                             "aime24, aime25, hmmt25, lcb_v5 (`lopd data formats` lists them)")
+    parser.add_argument("--id-key", default=None, help="field holding the id (dotted for nested fields; default: `id`, else the row number)")
+    parser.add_argument("--prompt-key", default=None, help="field holding the prompt: a string or a chat list")
+    parser.add_argument("--messages-key", default=None, help="field holding a chat list used as it is ('none': no such field)")
+    if answers:
+        parser.add_argument("--answer-key", default=None, help="field holding the reference answer, e.g. reward_model.ground_truth")
+    parser.add_argument("--lcb-window", default=None, metavar="START:END",
+                        help="LiveCodeBench formats: the contest-date window, e.g. 2024-08-01:2025-02-01 (both ends included)")
+
+
+def prompt_template(text: str | None) -> str | None:
+    """`--prompt-template`: a template with {problem}, or 'math' (the step-by-step \\boxed{} instruction)."""
+    from megatron_lopd.evaluation.evaluate import MATH_PROMPT_TEMPLATE
+
+    return MATH_PROMPT_TEMPLATE if text == "math" else text
+
+
+def data_source(args: argparse.Namespace, path: str, default_format: str, prompt_template: str | None = None):
+    """The DataSource `add_data_arguments`' flags describe for `path`."""
+    from megatron_lopd.datasets import DataSource, data_format
+
+    fmt = data_format(args.format or default_format, id_key=args.id_key, prompt_key=args.prompt_key, messages_key=args.messages_key,
+                      answer_key=getattr(args, "answer_key", None), lcb_window=args.lcb_window)
+    return DataSource(path, fmt, prompt_template)
 
 
 class _VersionAction(argparse.Action):

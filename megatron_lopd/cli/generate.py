@@ -2,22 +2,26 @@
 
     lopd generate --model TEACHER_HF --prompts sft_prompts.jsonl --out data/sft --kind sft_data \
         --temperature 0.7 --top-p 0.9 --max-tokens 16384
-    lopd generate --model SFT_HF --prompts dapo.parquet --out data/rollouts --record-logprobs \
-        --temperature 0.7 --top-p 0.9 --max-tokens 4096 --shard 0/8     # one of 8 workers
+    lopd generate --model SFT_HF --prompts dapo-math-17k.jsonl --format dapo_math_17k_slime --out data/rollouts \
+        --record-logprobs --temperature 0.7 --top-p 0.9 --max-tokens 4096 --shard 0/8     # one of 8 workers
 """
 
 from __future__ import annotations
 
 import argparse
 
-from megatron_lopd.cli import add_engine_arguments
+from megatron_lopd.cli import add_data_arguments, add_engine_arguments
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="sample responses to a prompt file (SFT data or rollouts)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face model directory (the generator)")
-    p.add_argument("--prompts", required=True, help="JSONL or parquet with 'id' and 'prompt' (string) or 'messages' (chat)")
+    p.add_argument("--prompts", required=True,
+                   help="JSONL or parquet (or a directory of them); by default with 'id' and 'prompt' (string or chat) or 'messages' (chat)")
+    add_data_arguments(p, default_format="prompts", answers=False)
+    p.add_argument("--prompt-template", default=None,
+                   help="user message made of a plain-text prompt, with {problem} where it goes; 'math' = the step-by-step \\boxed{} instruction")
     p.add_argument("--out", required=True, help="rollout artifact directory (resumed if it exists)")
     p.add_argument("--kind", choices=("rollouts", "sft_data"), default="rollouts", help="what the artifact is for (default rollouts)")
     p.add_argument("--n", type=int, default=1, help="samples per prompt (default 1)")
@@ -38,14 +42,16 @@ def register(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from megatron_lopd.cli import engine_options
+    from megatron_lopd.cli import data_source, engine_options, prompt_template
     from megatron_lopd.generation.backends import resolve_dtype
     from megatron_lopd.generation.base import SamplingParams
     from megatron_lopd.generation.generate import GenerateConfig, generate_artifact
     from megatron_lopd.runtime.shards import parse_shard
 
     cfg = GenerateConfig(
-        model=Path(args.model), prompts=Path(args.prompts), out=Path(args.out), kind=args.kind,
+        # A DataSource stands for its path wherever one is expected: the generator reads it in its format.
+        model=Path(args.model), prompts=data_source(args, args.prompts, "prompts", prompt_template(args.prompt_template)),
+        out=Path(args.out), kind=args.kind,
         sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, n=args.n,
                                 seed=args.seed, record_logprobs=args.record_logprobs),
         backend=args.backend, dtype=resolve_dtype(args.dtype), tensor_parallel=args.tensor_parallel, max_model_len=args.max_model_len,

@@ -1,9 +1,13 @@
 """Evaluation: sample K responses per problem, grade them, report avg@K and pass@k.
 
-Input: JSONL, one problem per line: `id`, `problem` (or chat `messages`), `answer`.
+Input: a data file read by a data format (`megatron_lopd.datasets`): by default `problems`,
+JSONL or parquet with `id`, `problem` (or chat `messages`), `answer`; the published benchmark
+layouts (AIME, HMMT, LiveCodeBench) are formats too (`lopd eval --format`).
 Output directory:
 - `samples.jsonl`: one line per sample (problem id and index, sample index, response
-  text, extracted answer, correct, truncated, length in tokens), in data order;
+  text, extracted answer, correct, truncated, length in tokens, and the grader's `detail`
+  where it gives one, e.g. the code grader's `wrong_answer`), in data order; a reference
+  answer longer than `RECORDED_ANSWER_CHARS` (code tests) is recorded by its start and digest;
 - `summary.json`: avg@K, pass@k (unbiased), mean response length, truncation rate,
   model and data fingerprints, the configuration;
 - `manifest.json`: the provenance record every artifact carries.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -37,8 +42,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from megatron_lopd.datasets.source import DataSource, read_examples
 from megatron_lopd.errors import ArtifactError, ConfigError, ConsistencyError
-from megatron_lopd.evaluation.graders import GRADERS, Grader, grade_response, make_grader, strip_thinking
+from megatron_lopd.evaluation.graders import GRADERS, Grader, grade_batch, make_grader, prepare_answers, strip_thinking
 from megatron_lopd.evaluation.metrics import mean_pass_at_k, report_ks
 from megatron_lopd.runtime.files import LOCK_NAME, OutputLock, atomic_write, check_writable_dir, os_error_fix, os_error_reason
 from megatron_lopd.runtime.shards import Shard
@@ -48,16 +54,19 @@ SUMMARY_FILE = "summary.json"
 MANIFEST_FILE = "manifest.json"
 PROGRESS_DIR = "progress"  # committed batches of an unfinished run
 SETTINGS_FILE = "settings.json"
+NATIVE_FORMAT = "problems"
 PROBLEM_PLACEHOLDER = "{problem}"
+RECORDED_ANSWER_CHARS = 1000  # longer reference answers (a code problem's tests) are recorded by start + digest
 # The instruction Qwen3 and most reasoning-model evaluations append to math problems.
 MATH_PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
 # Config fields that do not change results: runs differing only in these are equivalent.
 # (max_model_len: a problem that does not fit is refused, never truncated.)
-_RUNTIME_ONLY = ("batch_samples", "backend", "tensor_parallel", "max_model_len", "gpu_memory_utilization")
+_RUNTIME_ONLY = ("batch_samples", "backend", "tensor_parallel", "max_model_len", "gpu_memory_utilization", "code_workers",
+                 "sandbox_allow_unisolated")
 # What a resumed run may change: not the backend, whose samplers differ at temperature > 0.
-_RESUME_FREE = ("batch_samples", "tensor_parallel", "max_model_len", "gpu_memory_utilization")
+_RESUME_FREE = ("batch_samples", "tensor_parallel", "max_model_len", "gpu_memory_utilization", "code_workers", "sandbox_allow_unisolated")
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,9 @@ class EvalConfig:
     max_model_len: int | None = None  # None: the longest prompt + max_tokens, up to the model's context
     gpu_memory_utilization: float | None = None  # vLLM's fraction of GPU memory (None: its 0.9)
     batch_samples: int = 4096  # samples per generate call: bigger is faster, smaller updates progress more often
+    code_workers: int | None = None  # code grader: programs run side by side (None: `grading_workers`' default)
+    # Code grader where this machine has no user namespaces: run programs without isolation (network, your files).
+    sandbox_allow_unisolated: bool = False
 
     def validate(self) -> None:
         checks = (
@@ -90,6 +102,7 @@ class EvalConfig:
             (self.temperature >= 0, f"temperature={self.temperature} is negative", "use --temperature >= 0 (0 = greedy)"),
             (0 < self.top_p <= 1, f"top_p={self.top_p} is outside (0, 1]", "use 0 < --top-p <= 1"),
             (self.batch_samples >= 1, f"batch_samples={self.batch_samples} is below 1", "use --batch-samples >= 1"),
+            (self.code_workers is None or self.code_workers >= 1, f"code_workers={self.code_workers} is below 1", "use --code-workers >= 1"),
             (
                 PROBLEM_PLACEHOLDER in self.prompt_template,
                 f"prompt template {self.prompt_template!r} has no {PROBLEM_PLACEHOLDER} placeholder",
@@ -103,7 +116,10 @@ class EvalConfig:
         self.make_grader()  # the regex grader checks its pattern
 
     def make_grader(self) -> Grader:
-        return make_grader(self.grader, answer_pattern=self.answer_pattern, ignore_case=self.ignore_case)
+        from megatron_lopd.evaluation.sandbox import SandboxConfig
+
+        return make_grader(self.grader, answer_pattern=self.answer_pattern, ignore_case=self.ignore_case,
+                           sandbox=SandboxConfig(allow_unisolated=self.sandbox_allow_unisolated))
 
     def sampling_params(self):
         from megatron_lopd.generation.base import SamplingParams
@@ -134,47 +150,14 @@ class Problem:
 # Data
 
 
-def _problem_from_json(obj: Any, where: str) -> Problem:
-    fix = 'write one JSON object per line: {"id": ..., "problem": ... (or "messages": [...]), "answer": ...}'
-    if not isinstance(obj, dict):
-        raise ArtifactError(f"{where}: not a JSON object", fix)
-    answer = obj.get("answer")
-    if answer is None or (isinstance(answer, str) and not answer.strip()):
-        raise ArtifactError(f"{where}: no 'answer'", "add the reference answer to every line (or drop the line)")
-    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
-        raise ArtifactError(f"{where}: 'answer' is a {type(answer).__name__}, not a string or number", "store the reference answer as a string")
-    problem, messages = obj.get("problem"), obj.get("messages")
-    if messages is not None:
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
-        )
-        if not ok:
-            raise ArtifactError(f"{where}: 'messages' is not a non-empty list of {{role, content}} objects", fix)
-        messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
-    elif not isinstance(problem, str) or not problem.strip():
-        raise ArtifactError(f"{where}: no 'problem' text and no 'messages'", fix)
-    pid = obj.get("id")
-    return Problem(id=str(pid) if pid is not None else "", answer=str(answer), problem=problem if messages is None else None, messages=messages)
-
-
-def load_problems(path: str | Path) -> list[Problem]:
-    """Read an evaluation set (JSONL). Lines without an `id` get their line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: evaluation data file not found", "pass a JSONL file with id, problem, answer")
-    problems: list[Problem] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ArtifactError(f"{where}: not valid JSON ({exc.msg})", "fix or drop the line") from None
-            p = _problem_from_json(obj, where)
-            problems.append(p if p.id else Problem(str(lineno), p.answer, p.problem, p.messages))
-    check_problems(problems, str(path))
+def load_problems(data: DataSource | str | Path) -> list[Problem]:
+    """Read an evaluation set (a path: the `problems` format). Rows without an id get their row number."""
+    source = DataSource.of(data, NATIVE_FORMAT)
+    if source.prompt_template is not None:
+        raise ConfigError("an evaluation data source carries no prompt template", "set EvalConfig.prompt_template (--prompt-template) instead")
+    examples = read_examples(source, with_answer=True, what="evaluation data", flag="--data")
+    problems = [Problem(id=ex.id, answer=ex.answer, problem=None if ex.messages else ex.text, messages=ex.messages) for ex in examples]
+    check_problems(problems, str(source.path))
     return problems
 
 
@@ -399,11 +382,26 @@ def _summary_settings(summary: EvalSummary) -> dict[str, Any]:
     return _settings(summary.model_fingerprint, summary.data_fingerprint, summary.total_problems, summary.config)
 
 
-def _check_same_settings(where: Path, recorded: dict[str, Any], wanted: dict[str, Any]) -> None:
+def _settings_diff(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """`key recorded -> wanted` for each setting that differs."""
     keys = list(wanted) + [k for k in recorded if k not in wanted]
-    diff = [k for k in keys if recorded.get(k) != wanted.get(k)]
+    return [f"{k} {json.dumps(recorded.get(k))} -> {json.dumps(wanted.get(k))}" for k in keys if recorded.get(k) != wanted.get(k)]
+
+
+def result_differences(out_dir: str | Path, model_fingerprint: str | None, problems: Sequence[Problem], config: EvalConfig) -> list[str]:
+    """How the finished evaluation in `out_dir` differs from evaluating `problems` with `config` on
+    the model `model_fingerprint` now (None: not compared): one `key recorded -> now` each, empty
+    when a rerun would return it as it is. Raises ArtifactError when there is no finished result."""
+    summary = _read_summary(Path(out_dir))
+    recorded = _summary_settings(summary)
+    wanted = _settings(model_fingerprint or summary.model_fingerprint, problems_fingerprint(problems), len(problems), asdict(config))
+    return _settings_diff(recorded, wanted)
+
+
+def _check_same_settings(where: Path, recorded: dict[str, Any], wanted: dict[str, Any]) -> None:
+    diff = _settings_diff(recorded, wanted)
     if diff:
-        shown = ", ".join(f"{k} {json.dumps(recorded.get(k))} -> {json.dumps(wanted.get(k))}" for k in diff)
+        shown = ", ".join(diff)
         raise ConsistencyError(
             f"{where}: holds an evaluation with other settings ({shown})",
             "rerun with the original settings to resume, pass --overwrite to discard it, or choose another --out",
@@ -560,6 +558,8 @@ def _evaluate(model_dir, problems, indices, config, grader, backend, shard, prog
     elapsed = 0.0
     backend_name = config.backend
     if todo:
+        # every reference parsed before the model is loaded: a bad answer (code tests) fails at once
+        prepared = dict(zip(todo, prepare_answers(grader, [(problems[i].id, problems[i].answer) for i in todo])))
         tokenizer = load_tokenizer(model_dir)
         prompts = [prompt_ids(tokenizer, problems[i], config) for i in todo]
         own_backend = backend is None
@@ -589,7 +589,7 @@ def _evaluate(model_dir, problems, indices, config, grader, backend, shard, prog
         try:
             _check_context(prompts, todo, problems, config.max_tokens, backend.max_model_len)
             elapsed = _generate_and_grade(
-                backend, config.sampling_params(), prompts, todo, problems, grader, ResponseDecoder(tokenizer), config, progress,
+                backend, config.sampling_params(), prompts, todo, problems, prepared, grader, ResponseDecoder(tokenizer), config, progress,
                 commit, len(indices), len(done),
             )
         finally:
@@ -637,7 +637,7 @@ def _check_context(prompts, indices, problems, max_tokens: int, max_model_len: i
         )
 
 
-def _generate_and_grade(backend, params, prompts, indices, problems, grader, decode, config, progress, commit, total, done) -> float:
+def _generate_and_grade(backend, params, prompts, indices, problems, prepared, grader, decode, config, progress, commit, total, done) -> float:
     """Sample and grade `indices` batch by batch, handing each batch's records to `commit`; returns the seconds taken."""
     from tqdm.auto import tqdm
 
@@ -650,31 +650,33 @@ def _generate_and_grade(backend, params, prompts, indices, problems, grader, dec
         for lo in range(0, len(indices), per_call):
             chunk = indices[lo : lo + per_call]
             outputs = backend.generate(prompts[lo : lo + per_call], params, prompt_indices=chunk)
-            batch: list[dict[str, Any]] = []
+            sampled: list[tuple[Problem, int, int, Any, str, bool]] = []  # problem, index, j, sample, full text, cut off
+            graded: list[tuple[Any, str]] = []  # (prepared reference, final-answer text) of each sample
             for index, samples in zip(chunk, outputs):
                 problem = problems[index]
-                prepared = grader.prepare(problem.answer)
                 for j, sample in enumerate(samples):
                     full, answer_text = decode(sample.response_ids)
-                    truncated = sample.finish_reason == FINISH_LENGTH
-                    verdict = grade_response(grader, prepared, answer_text)
+                    graded.append((prepared[index], answer_text))
+                    sampled.append((problem, index, j, sample, full, sample.finish_reason == FINISH_LENGTH))
+            batch: list[dict[str, Any]] = []
+            for (problem, index, j, sample, full, truncated), verdict in zip(sampled, grade_batch(grader, graded, workers=grading_workers(config))):
+                record = {
+                    "id": problem.id,
+                    "problem_index": index,
+                    "sample": j,
+                    "answer": recorded_answer(problem.answer),
+                    "extracted": verdict.extracted,
                     # A response cut at max_tokens never gave its final answer: wrong, whatever it contains.
-                    ok = verdict.correct and not truncated
-                    batch.append(
-                        {
-                            "id": problem.id,
-                            "problem_index": index,
-                            "sample": j,
-                            "answer": problem.answer,
-                            "extracted": verdict.extracted,
-                            "correct": ok,
-                            "truncated": truncated,
-                            "length": len(sample.response_ids),
-                            "response": full,
-                        }
-                    )
-                    tokens += len(sample.response_ids)
-                    correct += ok
+                    "correct": verdict.correct and not truncated,
+                    "truncated": truncated,
+                    "length": len(sample.response_ids),
+                    "response": full,
+                }
+                if verdict.detail is not None:  # the code grader's reason (passed, wrong_answer, timeout, ...)
+                    record["detail"] = verdict.detail
+                batch.append(record)
+                tokens += record["length"]
+                correct += record["correct"]
             commit(batch)
             count += len(batch)
             bar.update(len(chunk))
@@ -683,9 +685,25 @@ def _generate_and_grade(backend, params, prompts, indices, problems, grader, dec
     return time.perf_counter() - start
 
 
+def grading_workers(config: EvalConfig) -> int:
+    """Programs the code grader runs side by side: `code_workers`, else one per CPU this process may
+    use (its affinity: a SLURM task's share), at most 8 (each may use 2 GiB). More than the CPUs
+    gains nothing (benchmarks/bench_code_grader.py) and lets wall-clock limits fire on busy CPUs."""
+    return config.code_workers or max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def recorded_answer(answer: str) -> str:
+    """The reference as samples.jsonl records it: whole, or (code tests, often megabytes, repeated for
+    each of K samples) its start and digest; the data file and its fingerprint keep the whole."""
+    if len(answer) <= RECORDED_ANSWER_CHARS:
+        return answer
+    digest = hashlib.sha256(answer.encode()).hexdigest()[:16]
+    return f"{answer[:200]}... [{len(answer):,} characters, sha256 {digest}]"
+
+
 def run_eval(
     model_dir: str | Path,
-    data: str | Path,
+    data: DataSource | str | Path,
     out_dir: str | Path,
     *,
     config: EvalConfig = EvalConfig(),
@@ -693,7 +711,7 @@ def run_eval(
     progress: bool = True,
     overwrite: bool = False,
 ) -> EvalSummary:
-    """`lopd eval`: load the data file, evaluate, write. Returns what `evaluate` returns."""
+    """`lopd eval`: load the data (a path: the `problems` format), evaluate, write. Returns what `evaluate` returns."""
     config.validate()  # before reading anything: K < 1 fails fast
     return evaluate(model_dir, load_problems(data), config=config, out_dir=out_dir, shard=shard, progress=progress, overwrite=overwrite)
 

@@ -7,6 +7,9 @@
   folded with `ignore_case`).
 - `regex`: the last match of a pattern's first capture group equals the answer (for
   synthetic tasks, e.g. `#(-?\\d+)`).
+- `code`: the response's last Python code block passes every test of the answer (JSON, see
+  `evaluation/code.py`), run in the sandbox (`evaluation/sandbox.py`); the verdict's
+  `detail` says which test failed and how.
 
 A grader sees the response text *after* reasoning: everything up to the last
 `</think>` is dropped, and a think block that never closed leaves no answer.
@@ -16,13 +19,16 @@ from __future__ import annotations
 
 import re
 import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
-from megatron_lopd.errors import ConfigError
+from megatron_lopd.errors import ArtifactError, ConfigError, LopdError
+from megatron_lopd.evaluation.code import DEFAULT_TIME_LIMIT_S, HARNESS_PRELOAD, CodeTests, extract_program, parse_code_tests, run_tests
+from megatron_lopd.evaluation.sandbox import Sandbox, SandboxConfig
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-GRADERS = ("math", "exact", "regex")
+GRADERS = ("math", "exact", "regex", "code")
 
 
 def strip_thinking(text: str) -> str:
@@ -50,6 +56,7 @@ def last_boxed(text: str) -> str | None:
 class Verdict:
     extracted: str | None  # the answer found in the response (None: no answer found)
     correct: bool
+    detail: str | None = None  # how it was judged, where a grader says more (code: "wrong_answer: test 3/12: ...")
 
 
 class Grader(Protocol):
@@ -152,10 +159,45 @@ class MathGrader:
         return Verdict(extracted, bool(verify(prepared, parsed, timeout_seconds=self._timeout())))
 
 
+@dataclass(frozen=True)
+class CodeGrader:
+    """The response's program passes every test (LiveCodeBench's rules, `evaluation/code.py`),
+    run in the sandbox. Construction checks the sandbox works here (ConfigError if not)."""
+
+    sandbox: SandboxConfig = SandboxConfig()
+    default_time_limit_s: float = DEFAULT_TIME_LIMIT_S  # per test, for problems that set none
+    name: str = "code"
+    parallel: ClassVar[bool] = True  # grading runs subprocesses: `grade_batch` may use threads
+
+    def __post_init__(self):
+        if not self.default_time_limit_s > 0:
+            raise ConfigError(f"code time limit {self.default_time_limit_s} is not positive", "use a time limit > 0 seconds")
+        object.__setattr__(self, "_sandbox", Sandbox(self.sandbox, preload=HARNESS_PRELOAD))
+
+    def prepare(self, answer: str) -> CodeTests:
+        tests = parse_code_tests(answer)
+        if tests.fn_name is None:
+            largest = max(len(text.encode()) for text in tests.inputs)
+            if largest > self.sandbox.max_output_bytes:
+                raise ConfigError(
+                    f"code tests: an input of {largest} bytes is over the sandbox's file size limit ({self.sandbox.max_output_bytes} bytes)",
+                    "raise the sandbox's max_output_mb",
+                )
+        return tests
+
+    def grade(self, prepared: CodeTests, response: str) -> Verdict:
+        program = extract_program(response)
+        if program is None:
+            return Verdict(None, False, "no_code")
+        outcome = run_tests(self._sandbox, program, prepared, time_limit_s=prepared.time_limit_s or self.default_time_limit_s)
+        return Verdict(program, outcome.passed, outcome.detail)
+
+
 _FACTORIES: dict[str, Callable[..., Grader]] = {
-    "math": lambda answer_pattern=None, ignore_case=False: MathGrader(),
-    "exact": lambda answer_pattern=None, ignore_case=False: ExactGrader(ignore_case=ignore_case),
-    "regex": lambda answer_pattern=None, ignore_case=False: RegexGrader(_require_pattern(answer_pattern), ignore_case),
+    "math": lambda answer_pattern=None, ignore_case=False, sandbox=None: MathGrader(),
+    "exact": lambda answer_pattern=None, ignore_case=False, sandbox=None: ExactGrader(ignore_case=ignore_case),
+    "regex": lambda answer_pattern=None, ignore_case=False, sandbox=None: RegexGrader(_require_pattern(answer_pattern), ignore_case),
+    "code": lambda answer_pattern=None, ignore_case=False, sandbox=None: CodeGrader(sandbox or SandboxConfig()),
 }
 
 
@@ -165,12 +207,57 @@ def _require_pattern(pattern: str | None) -> str:
     return pattern
 
 
-def make_grader(name: str, *, answer_pattern: str | None = None, ignore_case: bool = False) -> Grader:
+def make_grader(
+    name: str, *, answer_pattern: str | None = None, ignore_case: bool = False, sandbox: SandboxConfig | None = None
+) -> Grader:
+    """`sandbox`: the code grader's sandbox settings (default SandboxConfig())."""
     if name not in _FACTORIES:
         raise ConfigError(f"unknown grader {name!r}", f"use one of {', '.join(GRADERS)}")
-    return _FACTORIES[name](answer_pattern=answer_pattern, ignore_case=ignore_case)
+    return _FACTORIES[name](answer_pattern=answer_pattern, ignore_case=ignore_case, sandbox=sandbox)
 
 
 def grade_response(grader: Grader, prepared: Any, response: str) -> Verdict:
     """Grade a full response: reasoning stripped first."""
     return grader.grade(prepared, strip_thinking(response))
+
+
+def prepare_answers(grader: Grader, answers: Sequence[tuple[str, str]]) -> list[Any]:
+    """`grader.prepare` for every (problem id, reference answer), errors naming the problem:
+    run it before sampling, so that a bad answer fails at once."""
+    prepared = []
+    for problem_id, answer in answers:
+        try:
+            prepared.append(grader.prepare(answer))
+        except LopdError as exc:
+            raise type(exc)(f"problem {problem_id!r}: {exc.what}", exc.fix) from None
+        except Exception as exc:  # a grader library's own parse error
+            raise ArtifactError(f"problem {problem_id!r}: the {grader.name} grader cannot read the answer ({exc})", "fix the answer") from None
+    return prepared
+
+
+def grade_batch(grader: Grader, items: Sequence[tuple[Any, str]], *, workers: int = 1, progress: bool = False) -> list[Verdict]:
+    """`grade_response` for every (prepared answer, response), in order. Graders that run
+    programs (`parallel`) use `workers` threads, each driving one sandboxed process at a
+    time; the others grade in this thread (math-verify's timeout needs the main thread)."""
+    if workers < 1:
+        raise ConfigError(f"grading workers={workers} is below 1", "use --code-workers >= 1")
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(items), unit="sample", desc=f"grade ({grader.name})", disable=not progress, dynamic_ncols=True) as bar:
+        if workers == 1 or not getattr(grader, "parallel", False) or len(items) < 2:
+            verdicts = []
+            for prepared, response in items:
+                verdicts.append(grade_response(grader, prepared, response))
+                bar.update()
+            return verdicts
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"grade-{grader.name}") as pool:
+            futures = [pool.submit(grade_response, grader, prepared, response) for prepared, response in items]
+            for future in futures:
+                future.add_done_callback(lambda _: bar.update())
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in done if f.exception() is not None), None)
+            if failed is not None:
+                for future in futures:
+                    future.cancel()
+                raise failed.exception()
+            return [future.result() for future in futures]

@@ -109,6 +109,17 @@ class GenerateSettings(EngineSettings):
     max_tokens: int = 16384
     seed: int = 0
     thinking: Optional[str] = None  # "on" | "off" | None (the chat template's default)
+    format: Optional[str] = None  # the prompt file's data format (`lopd data formats`); None: `prompts`
+
+    def validate(self, stage: str) -> None:
+        super().validate(stage)
+        self.prompt_source("prompts")  # an unknown format: refused with the config
+
+    def prompt_source(self, prompts: str):
+        """The prompt file as `lopd generate --format` reads it."""
+        from megatron_lopd.datasets import DataSource, data_format
+
+        return DataSource(Path(prompts), data_format(self.format or "prompts"))
 
 
 @dataclass
@@ -138,13 +149,45 @@ class TrainSettings:
 
 
 @dataclass
+class SuiteOverrides:
+    """Settings applied to every benchmark of an evaluation suite (smoke runs); None: each benchmark's own."""
+
+    samples_per_problem: Optional[int] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+
+    def eval_args(self) -> list[str]:
+        """The `lopd eval` flags of the settings given."""
+        flags = {"samples_per_problem": "--samples-per-problem", "max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p"}
+        return [arg for name, flag in flags.items() if getattr(self, name) is not None for arg in (flag, str(getattr(self, name)))]
+
+
+@dataclass
 class EvalSettings(EngineSettings):
-    """`lopd eval` knobs (the paper: avg@64 at up to 32K tokens)."""
+    """`lopd eval` knobs (the paper: avg@64 at up to 32K tokens) for the one data file `eval_data`;
+    or, with `suite` (a built-in suite such as `paper`, or a suite file), the suite's benchmarks,
+    each with its own data format, grader and sampling. `suite_data`: benchmark -> data path (key
+    `NAME:FORMAT` for a file in another format); `suite_overrides` changes every benchmark's sampling."""
 
     samples_per_problem: int = 1
     max_tokens: int = 32768
     temperature: float = 0.6
     top_p: float = 0.95
+    suite: Optional[str] = None
+    suite_data: dict[str, str] = field(default_factory=dict)
+    suite_overrides: SuiteOverrides = field(default_factory=SuiteOverrides)
+
+    def suite_run(self):
+        """The SuiteRun the stage's `lopd eval --suite` command runs (checked: the suite exists, names its
+        benchmarks): `suite_overrides` and the engine settings apply to every benchmark."""
+        from megatron_lopd.evaluation.suite import suite_run
+        from megatron_lopd.generation.backends import resolve_dtype
+
+        overrides = {f.name: getattr(self.suite_overrides, f.name) for f in dataclasses.fields(SuiteOverrides)}
+        overrides.update(backend=self.backend, dtype=resolve_dtype(self.dtype), tensor_parallel=self.tensor_parallel,
+                         max_model_len=self.max_model_len, gpu_memory_utilization=self.gpu_memory_utilization)
+        return suite_run(self.suite, [f"{name}={path}" for name, path in self.suite_data.items()], overrides)
 
 
 @dataclass
@@ -156,7 +199,7 @@ class PipelineConfig:
     base_student: str = ""  # HF dir of the base student B
     sft_prompts: str = ""
     opd_prompts: str = ""
-    eval_data: Optional[str] = None  # None: no eval stage
+    eval_data: Optional[str] = None  # None (and no eval.suite): no eval stage
     sft_data: GenerateSettings = field(default_factory=GenerateSettings)
     sft: TrainSettings = field(default_factory=lambda: TrainSettings(config="sft"))
     rollouts: GenerateSettings = field(default_factory=lambda: GenerateSettings(max_tokens=4096))
@@ -176,11 +219,21 @@ class PipelineConfig:
                 raise ConfigError(f"pipeline config: envs.{name} sets both venv and python", "set one of them")
         for stage in ("sft_data", "rollouts", "score", "eval"):
             getattr(self, stage).validate(stage)
+        if self.eval.suite and self.eval_data:
+            raise ConfigError("pipeline config: both eval_data and eval.suite are set", "evaluate one data file (eval_data) or a suite (eval.suite), not both")
+        if self.eval.suite_data and not self.eval.suite:
+            raise ConfigError("pipeline config: eval.suite_data without eval.suite", "name the suite: eval.suite=paper")
 
     def absolute(self) -> "PipelineConfig":
         """A copy with absolute paths: jobs on other nodes start in other directories."""
+        from megatron_lopd.evaluation.suite import SUITES
+
         fields = ("work_dir", "teacher", "base_student", "sft_prompts", "opd_prompts", "eval_data")
-        return dataclasses.replace(self, **{f: str(Path(getattr(self, f)).absolute()) for f in fields if getattr(self, f)})
+        suite = self.eval.suite
+        if suite and suite not in SUITES:  # a suite file (a built-in suite is a name)
+            suite = str(Path(suite).absolute())
+        evals = dataclasses.replace(self.eval, suite=suite, suite_data={k: str(Path(v).absolute()) for k, v in self.eval.suite_data.items()})
+        return dataclasses.replace(self, eval=evals, **{f: str(Path(getattr(self, f)).absolute()) for f in fields if getattr(self, f)})
 
     # ---------------------------------------------------------------- files
     def to_dict(self) -> dict[str, Any]:

@@ -307,11 +307,11 @@ def pipeline_plans(config, gpus_per_node: int, gpu_memory_gib: float) -> list[En
 
     teacher, student = model_of(config.teacher), model_of(config.base_student)
     engine_stages = (("sft_data", teacher, config.sft_data.max_tokens), ("rollouts", student, config.rollouts.max_tokens),
-                     ("score", teacher, config.rollouts.max_tokens + 1), ("eval", student, config.eval.max_tokens))
+                     ("score", teacher, config.rollouts.max_tokens + 1), ("eval", student, _eval_max_tokens(config)))
     plans: list[EnginePlan | TrainingPlan] = []
     for stage, model, tokens in engine_stages:
         s = getattr(config, stage)
-        if model is None or (stage == "eval" and not config.eval_data):
+        if model is None or (stage == "eval" and not (config.eval_data or config.eval.suite)):
             continue
         per_node = s.engines_per_node or max(1, gpus_per_node // s.tensor_parallel)
         plans.append(EnginePlan(stage, model, s.max_model_len or tokens + PROMPT_ALLOWANCE, s.tensor_parallel, per_node * s.nodes,
@@ -322,6 +322,14 @@ def pipeline_plans(config, gpus_per_node: int, gpu_memory_gib: float) -> list[En
             train = resolve_config(s.config, train_overrides(s, paths))
             plans.append(TrainingPlan.from_train_config(stage, student, train, s.nproc_per_node * s.nnodes, gpu_memory_gib))
     return plans
+
+
+def _eval_max_tokens(config) -> int:
+    """The eval stage's longest response: a suite's longest benchmark budget (overrides applied)."""
+    if not config.eval.suite:
+        return config.eval.max_tokens
+    run = config.eval.suite_run()
+    return max(run.config(b).max_tokens for b in run.selected())
 
 
 def check_plans(plans: Sequence[EnginePlan | TrainingPlan]) -> None:

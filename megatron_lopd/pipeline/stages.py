@@ -208,7 +208,9 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         provenance=lambda: export_differences(p.student_model, p.opd_run),
     )
     stages = [sft_data, sft, rollouts, score, train, export]
-    if config.eval_data:
+    if config.eval.suite:
+        stages.append(_suite_stage(config, p))
+    elif config.eval_data:
         e = config.eval
         stages.append(
             Stage(
@@ -227,6 +229,42 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             )
         )
     return stages
+
+
+def _suite_stage(config: PipelineConfig, p: ArtifactPaths) -> Stage:
+    """The eval stage of a suite: every benchmark into `eval/NAME/`, the table in `eval/suite.md`.
+    Its output is done when the table lists every benchmark with data as done, and stale when a
+    benchmark's recorded model, data or settings differ from what the config asks now."""
+    from megatron_lopd.evaluation.suite import SUITES, suite_differences, verify_suite
+
+    e = config.eval
+    run = e.suite_run()  # a bad suite name, file or benchmark name: refused with the config
+    inputs = {"student_model": p.student_model, **{f"eval.suite_data.{name}": source.path for name, source in run.data.items()}}
+    if e.suite not in SUITES:
+        inputs["eval.suite"] = Path(e.suite)
+    data = [f"--suite-data={name}={path}" for name, path in e.suite_data.items()]
+
+    def provenance() -> list[str]:
+        from megatron_lopd.provenance import Manifest
+
+        try:
+            exported = Manifest.read(p.student_model, kind="hf_export").fingerprint
+        except Exception:  # a missing or half-written export: the export stage is then not done, and that is reported
+            exported = None
+        return suite_differences(p.eval, run, exported)
+
+    return Stage(
+        "eval",
+        inputs=inputs,
+        outputs={"eval": p.eval},
+        # Every engine evaluates its shard of each benchmark; the last to finish a benchmark merges it.
+        steps=(Step(("eval", "--model", str(p.student_model), "--suite", e.suite, *data, "--out", str(p.eval), *e.suite_overrides.eval_args(),
+                     *e.engine_args(), "--no-progress", *e.extra_args), engines=_engines(e)),),
+        verify=verify_suite,
+        env=config.envs.resolve("eval"),
+        producers={"student_model": "export"},
+        provenance=provenance,
+    )
 
 
 # TrainSettings knob -> `lopd train` config key (megatron_lopd/training/config.py).
@@ -264,6 +302,8 @@ def _generate_args(model: Path, prompts: str, out: Path, s: GenerateSettings, ki
             "--seed", str(s.seed), *s.engine_args(), "--no-progress"]
     if s.thinking:
         args += ["--thinking", s.thinking]
+    if s.format:
+        args += ["--format", s.format]
     if kind == "rollouts":  # R's raw log-prob of each sampled token: the drift monitor's reference
         args.append("--record-logprobs")
     return tuple(args + list(s.extra_args))

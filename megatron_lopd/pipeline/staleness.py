@@ -98,7 +98,8 @@ def generation_differences(out: Path, section: str, model_field: str, model_fp: 
     model = model_fp()
     if model is not None:
         _differs(diffs, model_field, art.generator_fingerprint, model, model_note)
-    _differs(diffs, "prompts", m.inputs.get("prompts_fingerprint"), _now_or_error(lambda: prompt_file_fingerprint(prompts)), f" ({prompts})")
+    _differs(diffs, "prompts", m.inputs.get("prompts_fingerprint"), _now_or_error(lambda: prompt_file_fingerprint(s.prompt_source(prompts))),
+             f" ({prompts})")
     for key in ("n", "temperature", "top_p", "max_tokens", "seed"):
         _differs(diffs, f"{section}.{key}", m.params.get(key), getattr(s, key))
     _differs(diffs, f"{section}.thinking", m.params.get("thinking"), None if s.thinking is None else s.thinking == "on")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -12,7 +13,8 @@ import pytest
 
 from megatron_lopd.errors import ArtifactError, ConfigError, ConsistencyError
 from megatron_lopd.evaluation import EvalConfig, Problem, Shard, evaluate, load_problems, merge_shards, read_results, run_eval
-from megatron_lopd.evaluation.evaluate import ResponseDecoder, prompt_ids, summarize, write_results
+from megatron_lopd.datasets import DataSource, data_format
+from megatron_lopd.evaluation.evaluate import RECORDED_ANSWER_CHARS, ResponseDecoder, prompt_ids, recorded_answer, result_differences, summarize, write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +35,7 @@ def test_load_problems(tmp_path):
         ],
     )
     problems = load_problems(path)
-    assert [p.id for p in problems] == ["a", "3", "7"]
+    assert [p.id for p in problems] == ["a", "1", "7"]  # no id: the row number (from 0; blank lines are no rows)
     assert [p.answer for p in problems] == ["2", "4", "x"]
     assert problems[2].messages == ({"role": "user", "content": "hi"},) and problems[2].problem is None
 
@@ -42,13 +44,13 @@ def test_load_problems(tmp_path):
     "line,message",
     [
         ({"id": "a", "problem": "1+1"}, r"d\.jsonl:2: no 'answer'"),
-        ({"id": "a", "problem": "1+1", "answer": ""}, r"d\.jsonl:2: no 'answer'"),
+        ({"id": "a", "problem": "1+1", "answer": ""}, r"d\.jsonl:2: empty 'answer'"),
         ({"id": "a", "problem": "1+1", "answer": ["2"]}, r"d\.jsonl:2: 'answer' is a list"),
-        ({"id": "a", "answer": "2"}, r"d\.jsonl:2: no 'problem' text and no 'messages'"),
-        ({"id": "a", "messages": [{"content": "x"}], "answer": "2"}, r"d\.jsonl:2: 'messages' is not"),
-        ({"id": "first", "problem": "1+1", "answer": "2"}, "duplicate problem id 'first'"),
-        ("{not json", r"d\.jsonl:2: not valid JSON"),
-        ([1, 2], r"d\.jsonl:2: not a JSON object"),
+        ({"id": "a", "answer": "2"}, r"d\.jsonl:2: no 'problem' or 'messages' \(its keys: 'id', 'answer'\)"),
+        ({"id": "a", "messages": [{"content": "x"}], "answer": "2"}, r"d\.jsonl:2: 'messages' has a turn without a known role"),
+        ({"id": "first", "problem": "1+1", "answer": "2"}, r"d\.jsonl:2: duplicate id 'first' \(first at .*d\.jsonl:1\)"),
+        ("{not json", r"d\.jsonl:2: invalid JSON"),
+        ([1, 2], r"d\.jsonl:2: a list, not a JSON object"),
     ],
 )
 def test_bad_data_lines(tmp_path, line, message):
@@ -59,9 +61,9 @@ def test_bad_data_lines(tmp_path, line, message):
 
 
 def test_missing_and_empty_data(tmp_path):
-    with pytest.raises(ArtifactError, match="not found"):
+    with pytest.raises(ArtifactError, match="does not exist"):
         load_problems(tmp_path / "nope.jsonl")
-    with pytest.raises(ArtifactError, match="no problems"):
+    with pytest.raises(ArtifactError, match="holds no rows"):
         load_problems(_write(tmp_path / "empty.jsonl", [""]))
 
 
@@ -76,6 +78,7 @@ def test_missing_and_empty_data(tmp_path):
         (dict(prompt_template="Solve:"), "no {problem} placeholder"),
         (dict(grader="regex"), "needs an answer pattern"),
         (dict(grader="fuzzy"), "unknown grader"),
+        (dict(code_workers=0), "code_workers=0 is below 1"),
     ],
 )
 def test_bad_config_fails_before_anything_is_read(tmp_path, kwargs, message):
@@ -221,3 +224,62 @@ def test_tool_reports_bad_input_in_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["lopd eval: error: samples per problem K=0 is below 1 (fix: use --samples-per-problem >= 1)"]
+
+
+def test_published_layouts_are_read_by_their_format(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"problem_idx": 1, "problem": "Compute $9!$.", "answer": "362880", "problem_type": ["Algebra"]},
+                                         {"problem_idx": 2, "problem": "Compute $2^{10}$.", "answer": "1024", "problem_type": []}]),
+                   tmp_path / "hmmt.parquet")
+    problems = load_problems(DataSource(tmp_path / "hmmt.parquet", data_format("hmmt25")))
+    assert problems == [Problem("1", "362880", "Compute $9!$."), Problem("2", "1024", "Compute $2^{10}$.")]
+    assert [p.id for p in load_problems(tmp_path / "hmmt.parquet")] == ["0", "1"]  # the default layout: no id field, row numbers
+    with pytest.raises(ArtifactError, match=r"hmmt\.parquet row 0: no 'gold' \(its keys: 'problem_idx', 'problem', 'answer', 'problem_type'\) "
+                                            r"\(fix: pass --answer-key with one of them"):
+        load_problems(DataSource(tmp_path / "hmmt.parquet", data_format("hmmt25", answer_key="gold")))
+    with pytest.raises(ConfigError, match="carries no prompt template"):
+        load_problems(DataSource(tmp_path / "hmmt.parquet", data_format("hmmt25"), prompt_template="Q {problem}"))
+
+
+def test_long_answers_are_recorded_by_start_and_digest():
+    short = "x" * RECORDED_ANSWER_CHARS
+    assert recorded_answer(short) == short
+    tests = '{"tests": [' + ", ".join(['{"input": "1", "output": "1"}'] * 200) + '], "fn_name": null}'
+    recorded = recorded_answer(tests)
+    assert recorded.startswith(tests[:200] + "... [") and f"{len(tests):,} characters, sha256 " in recorded and len(recorded) < 300
+    assert recorded_answer(tests + " ") != recorded  # the digest tells two long answers apart
+
+
+def test_result_differences_name_what_changed(tmp_path):
+    problems = [Problem("a", "1", "1+0")]
+    config = EvalConfig(samples_per_problem=2, backend="hf")
+    records = [{"id": "a", "problem_index": 0, "sample": j, "answer": "1", "extracted": "1", "correct": True, "truncated": False,
+                "length": 3, "response": "1"} for j in range(2)]
+    from megatron_lopd.evaluation.evaluate import problems_fingerprint
+
+    summary = summarize(records, samples_per_problem=2, model_fingerprint="model-x", data_fingerprint=problems_fingerprint(problems),
+                        total_problems=1, config=dataclasses.asdict(config))
+    write_results(tmp_path, records, summary)
+    assert result_differences(tmp_path, "model-x", problems, config) == []
+    assert result_differences(tmp_path, None, problems, dataclasses.replace(config, code_workers=4)) == []  # runtime only
+    diffs = result_differences(tmp_path, "model-y", [Problem("a", "2", "1+0")], dataclasses.replace(config, temperature=1.0))
+    assert [d.split(" ")[0] for d in diffs] == ["model", "data", "temperature"]
+    with pytest.raises(ArtifactError, match="unreadable"):
+        result_differences(tmp_path / "none", None, problems, config)
+
+
+def test_code_grading_settings_reach_the_grader(monkeypatch):
+    """--sandbox-allow-unisolated reaches the code grader's sandbox; it and --code-workers change no result;
+    the default worker count is the CPUs this process may use (a SLURM task's share), at most 8."""
+    from megatron_lopd.evaluation.evaluate import _RESUME_FREE, _RUNTIME_ONLY, grading_workers
+
+    grader = EvalConfig(grader="code", sandbox_allow_unisolated=True).make_grader()
+    assert grader.name == "code" and grader.sandbox.allow_unisolated
+    assert not EvalConfig(grader="code").make_grader().sandbox.allow_unisolated
+    assert {"code_workers", "sandbox_allow_unisolated"} <= set(_RUNTIME_ONLY) & set(_RESUME_FREE)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    assert grading_workers(EvalConfig()) == 3 and grading_workers(EvalConfig(code_workers=5)) == 5
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    assert grading_workers(EvalConfig()) == 8

@@ -162,3 +162,84 @@ def test_regex_grader(answer, response, expected, extracted):
 def test_grader_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         make_grader(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Verdict.detail, the code grader's registration, prepare_answers and grade_batch
+
+
+def test_verdict_detail_is_optional_and_unset_by_the_answer_graders():
+    from megatron_lopd.evaluation.graders import GRADERS, Verdict
+
+    assert Verdict("1", True) == Verdict("1", True, None) and "code" in GRADERS
+    for grader, answer, response in [(make_grader("exact"), "a", "a"), (make_grader("regex", answer_pattern=r"#(\d+)"), "1", "#1"), (make_grader("math"), "1", r"\boxed{1}")]:
+        assert grade_response(grader, grader.prepare(answer), response).detail is None
+
+
+def _code_grader():
+    from megatron_lopd.evaluation.sandbox import SandboxConfig
+
+    try:
+        return make_grader("code", sandbox=SandboxConfig(max_output_mb=1))
+    except ConfigError as exc:
+        pytest.skip(f"this machine cannot isolate programs: {exc}")
+
+
+def test_make_grader_code_grades_through_the_sandbox():
+    grader = _code_grader()
+    prepared = grader.prepare('{"tests": [{"input": "2\\n", "output": "4\\n"}]}')
+    verdict = grade_response(grader, prepared, "<think>maybe ```python\nprint(5)\n```</think>```python\nprint(int(input()) * 2)\n```")
+    assert (verdict.correct, verdict.detail, verdict.extracted) == (True, "passed", "print(int(input()) * 2)")
+    thinking_only = grade_response(grader, prepared, "<think>```python\nprint(int(input()) * 2)\n```")
+    assert (thinking_only.correct, thinking_only.detail) == (False, "no_code")  # reasoning never finished
+
+
+def test_prepare_answers_names_the_problem():
+    from megatron_lopd.errors import ArtifactError
+    from megatron_lopd.evaluation.graders import prepare_answers
+
+    grader = _code_grader()
+    good = '{"tests": [{"input": "", "output": "1"}]}'
+    assert len(prepare_answers(grader, [("p1", good), ("p2", good)])) == 2
+    with pytest.raises(ArtifactError, match=r"^problem 'p2': code tests: the problem has no tests") as caught:
+        prepare_answers(grader, [("p1", good), ("p2", '{"tests": []}')])
+    assert caught.value.fix
+    assert prepare_answers(make_grader("exact"), [("a", "Paris")]) == ["Paris"]
+
+
+class _RecordingGrader:
+    """A grader that records the thread it grades in (and fails on request)."""
+
+    name = "recording"
+
+    def __init__(self, parallel: bool):
+        self.parallel = parallel
+        self.threads: list[str] = []
+
+    def prepare(self, answer: str) -> str:
+        return answer
+
+    def grade(self, prepared: str, response: str):
+        from megatron_lopd.evaluation.graders import Verdict
+
+        if response == "fail":
+            raise ValueError("grading failed")
+        self.threads.append(threading.current_thread().name)
+        return Verdict(response, response == prepared)
+
+
+def test_grade_batch_order_threads_and_errors():
+    from megatron_lopd.evaluation.graders import grade_batch
+
+    items = [(str(i % 3), f"<think>x</think>{i % 2}") for i in range(12)]
+    expected = [grade_response(_RecordingGrader(False), p, r) for p, r in items]
+    serial = _RecordingGrader(parallel=False)
+    assert grade_batch(serial, items, workers=4) == expected
+    assert set(serial.threads) == {threading.current_thread().name}  # e.g. math-verify needs the main thread
+    threaded = _RecordingGrader(parallel=True)
+    assert grade_batch(threaded, items, workers=3, progress=True) == expected
+    assert threading.current_thread().name not in threaded.threads
+    with pytest.raises(ValueError, match="grading failed"):
+        grade_batch(_RecordingGrader(parallel=True), items[:3] + [("0", "fail")] + items[3:], workers=2)
+    with pytest.raises(ConfigError, match="workers=0"):
+        grade_batch(serial, items, workers=0)

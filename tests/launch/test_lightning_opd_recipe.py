@@ -52,6 +52,10 @@ def test_each_factory_layout_fits_its_model_and_node(factory, shape):
     assert {p.stage for p in plans} == {"sft_data", "rollouts", "score", "eval", "sft", "train"}
     check_plans(plans)
     assert all(p.engines * p.tensor_parallel == 8 and p.sequences_fit >= 4 for p in plans if isinstance(p, EnginePlan))
+    # The published data sets in their formats; the paper's suite, sized by its longest benchmark (32K + prompt allowance).
+    assert (config.sft_data.format, config.rollouts.format, config.eval.suite) == ("openthoughts3", "dapo_math_17k_slime", "paper")
+    assert set(config.eval.suite_data) == {"aime24", "aime25", "hmmt25", "lcb_v5", "lcb_v6"} and config.eval_data is None
+    assert next(p for p in plans if p.stage == "eval").max_model_len == 32768 + 1024
     start = StartModel("named", None, named_config(shape), None, None, None)
     paths = {"model.start_from": "/m", "data.store": "/s", "data.sft_data": "/d"}
     for settings in (config.sft, config.trainer):

@@ -42,6 +42,11 @@ def test_changed_teacher_or_settings_make_finished_outputs_stale(sft_data_done, 
     prompts = tmp_path / "sft_prompts.jsonl"
     prompts.write_text(Path(config.sft_prompts).read_text().replace("Add 0", "Add 9"))
     assert _states(dataclasses.replace(config, sft_prompts=str(prompts)))["sft_data"][1].startswith("prompts: recorded prompts-")
+    # 4. the same file read in another data format (`sft_data.format`): other prompts, stale; naming its own format is not
+    def with_format(name):
+        return dataclasses.replace(config, sft_data=dataclasses.replace(config.sft_data, format=name))
+    assert _states(with_format("prompts"))["sft_data"][0] == "done"
+    assert _states(with_format("dapo_math_17k_processed"))["sft_data"][1].startswith("prompts: recorded prompts-")
     # the CLI: one line per stage, exit 3; run refuses in one line, exit 2, and rewrites nothing
     path = changed.save(tmp_path / "changed.json")
     out = subprocess.run([LOPD, "pipeline", "status", "--config", str(path)], capture_output=True, text=True)
