@@ -1,4 +1,4 @@
-"""`lopd demo --out DIR [--seed S] [--overwrite | --resume]`: the whole pipeline in miniature on CPU.
+"""`lopd demo --out DIR [--seed S | --seeds 0,1,2] [--overwrite | --resume]`: the whole pipeline in miniature on CPU.
 
 Trains two tiny teachers and a student, runs the consistent-teacher pipeline with the
 real stages (SFT data, SFT, rollouts, scoring into the store, Lightning OPD, export,
@@ -19,7 +19,10 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output directory (report.md, curves.png, summary.json, work/)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every model, data order and sample (default 0)")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="seed of every model, data order and sample (default 0)")
+    seeds.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                       help="run once per seed into OUT/seed-N/ and write OUT/aggregate.md: mean +- sd over seeds (README: 0,1,2)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="delete an existing demo in --out and start over")
     mode.add_argument("--resume", action="store_true", help="continue an interrupted demo from its last finished stage")
@@ -33,7 +36,7 @@ def register(subparsers) -> None:
 def _handle(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from megatron_lopd.demo.run import LOSS_LABELS, DemoSizes, run_demo
+    from megatron_lopd.demo.run import LOSS_LABELS, DemoSizes, run_demo, run_demo_seeds
     from megatron_lopd.errors import ConfigError
 
     losses = tuple(dict.fromkeys(x.strip() for x in args.comparison_losses.split(",") if x.strip()))
@@ -42,5 +45,12 @@ def _handle(args: argparse.Namespace) -> int:
         raise ConfigError(f"--comparison-losses {args.comparison_losses!r}: unknown {', '.join(unknown) or 'empty list'}",
                           f"use some of {', '.join(k for k in LOSS_LABELS if k != 'sft')}")
     sizes = dataclasses.replace(DemoSizes(), comparison_losses=losses)
+    if args.seeds is not None:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            raise ConfigError(f"--seeds {args.seeds!r} is not a list of integers", "e.g. --seeds 0,1,2") from None
+        run_demo_seeds(args.out, seeds, sizes=sizes, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+        return 0
     run_demo(args.out, seed=args.seed, sizes=sizes, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
     return 0

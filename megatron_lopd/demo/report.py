@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_lopd.demo.cost import cost_lines
 from megatron_lopd.runtime.files import atomic_write
 
 SUMMARY_NAME = "summary.json"
@@ -305,6 +306,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         f"**{s['store']['bytes_per_token']:.1f} bytes/token** (top-{s['store']['top_k']} ids and log-probs, sampled-token "
         "log-probs and R's log-probs, compressed and checksummed).",
         "",
+        *cost_lines(s),
         "## Notes",
         "",
         "- Teacher B's run uses the trainer's research opt-out `teacher_consistency.allow_inconsistent_teacher=true`: "

@@ -878,3 +878,27 @@ def run_demo(
 
     echo(console_summary(summary, out))
     return summary
+
+
+def run_demo_seeds(out: str | Path, seeds: list[int], *, overwrite: bool = False, resume: bool = False, sizes: DemoSizes = DemoSizes(),
+                   console: Callable[[str], None] | None = None, progress: bool = True) -> dict[str, Any]:
+    """The demo once per seed into `out/seed-N/` (each resumable on its own), then the numbers over
+    seeds (`demo.aggregate`) into `out/`; returns aggregate.json's content."""
+    from megatron_lopd.demo.aggregate import console_aggregate, write_aggregate
+
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ConfigError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds", "e.g. --seeds 0,1,2")
+    out = Path(out)
+    echo = console or (lambda line: print(line, flush=True))
+    dirs = {seed: out / f"seed-{seed}" for seed in seeds}
+    for seed, d in dirs.items():  # every seed's directory is checked before the first seed's work
+        if d.exists() and not overwrite:
+            prepare_out_dir(d, seed=seed, sizes=sizes, overwrite=False, resume=resume)
+    summaries = []
+    for seed, d in dirs.items():
+        echo(f"== demo seed {seed} -> {d}")
+        summaries.append(run_demo(d, seed=seed, overwrite=overwrite, resume=resume and d.exists(), sizes=sizes, console=console,
+                                  progress=progress))
+    agg = write_aggregate(out, summaries)
+    echo(console_aggregate(agg, out))
+    return agg

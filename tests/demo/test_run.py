@@ -124,6 +124,19 @@ def test_tiny_demo_end_to_end_resume_and_determinism(tmp_path):
     assert len(reran) == 1 and "continued_sft" in reran[0]
     assert resumed["accuracy"] == summary["accuracy"]
 
+    # Over seeds: a finished seed directory resumes in place (nothing reruns) and the aggregate states its numbers.
+    from megatron_lopd.demo.run import run_demo_seeds
+
+    shutil.copytree(out, tmp_path / "multi" / "seed-5")
+    lines.clear()
+    agg = run_demo_seeds(tmp_path / "multi", [5], sizes=sizes, resume=True, console=lines.append, progress=False)
+    assert not [line for line in lines if line.startswith("[") and "skipped" not in line]
+    assert agg["accuracy"]["lightning_topk"]["per_seed"] == [100 * summary["accuracy"]["lightning_topk"]["pass1"]]
+    assert (tmp_path / "multi" / "aggregate.md").is_file() and (tmp_path / "multi" / "curves.png").is_file()
+    with pytest.raises(ConfigError, match="already exists"):  # an existing seed directory without --resume: refused before any work
+        run_demo_seeds(tmp_path / "multi", [5, 6], sizes=sizes, console=lines.append, progress=False)
+    assert not (tmp_path / "multi" / "seed-6").exists()
+
     # Deterministic for a seed: a second demo from scratch gives the same numbers.
     other = run_demo(tmp_path / "demo2", seed=5, sizes=sizes, console=lambda _: None, progress=False)
     assert other["accuracy"] == summary["accuracy"]
