@@ -420,18 +420,21 @@ def test_isolation_for_an_unprivileged_evaluator(tmp_path):
         pytest.skip("the other tests already run as an unprivileged user")
     if not (shutil.which("unshare") and shutil.which("setpriv")):
         pytest.skip("needs unshare and setpriv")
-    # nobody must reach Python: bind its installation to a world-readable place, in a mount namespace of the test's own.
-    mount_point = Path(tempfile.mkdtemp(prefix="lopd-python-", dir="/tmp"))
+    # nobody must reach Python and this checkout (which may lie under a private directory, e.g. a CI clone
+    # in a mktemp dir): bind both to world-readable places, in a mount namespace of the test's own.
+    mount_point, repo_point = (Path(tempfile.mkdtemp(prefix=f"lopd-{what}-", dir="/tmp")) for what in ("python", "repo"))
     try:
-        mount_point.chmod(0o755)
+        for point in (mount_point, repo_point):
+            point.chmod(0o755)
         python = mount_point / Path(sys.executable).resolve().relative_to(Path(sys.base_prefix).resolve())
         script = (
-            f"mount --bind {sys.base_prefix} {mount_point} && cd / && exec setpriv --reuid=65534 --regid=65534 --clear-groups "
-            f"env -i PYTHONPATH={REPO} {python} -c {_quote(_AS_NOBODY)}"
+            f"mount --bind {sys.base_prefix} {mount_point} && mount --bind {REPO} {repo_point} && cd / && "
+            f"exec setpriv --reuid=65534 --regid=65534 --clear-groups env -i PYTHONPATH={repo_point} {python} -c {_quote(_AS_NOBODY)}"
         )
         out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True, text=True, timeout=120)
     finally:
         mount_point.rmdir()
+        repo_point.rmdir()
     assert out.returncode == 0, out
     isolated, forks, undo = json.loads(out.stdout.strip().splitlines()[-1])
     assert isolated and forks == "4\n" and undo == "-1 -1\n"

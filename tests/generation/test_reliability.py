@@ -201,7 +201,7 @@ def test_unwritable_outputs_are_one_line_before_any_model_loads(tiny_hf_dir, tin
     # Misleading hints: a file is not reported as a missing directory.
     _refused(capsys, _gen_args(tmp_path / "afile", prompt_file, tmp_path / "o"), "is a file, not a model directory")
     _refused(capsys, _score_args(tmp_path / "afile", tiny_teacher_dir, tmp_path / "s"), "is a file, not a rollout artifact directory")
-    _refused(capsys, _gen_args(tiny_hf_dir, tmp_path, tmp_path / "o"), "is a directory, not a file")
+    _refused(capsys, _gen_args(tiny_hf_dir, tmp_path, tmp_path / "o"), "is a directory without .jsonl, .json, .parquet files")
     # A disk that fills up after the checks: the chunk write fails as one line, no partial file is left.
     with tmpfs(tmp_path / "full", size_kb=64, fill=True, leave_kb=8) as full:
         _refused(capsys, _gen_args(tiny_hf_dir, prompt_file, full / "out", "--max-tokens", "100", "--n", "4"), "No space left on device")
