@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from megatron_lopd.demo.report import SIGNIFICANT_SE, STAGE_ROWS, paired_diff
+from megatron_lopd.demo.report import SIGNIFICANT_SE, STAGE_ROWS, TEACHER_FLOOR, TEACHER_NAMES, paired_diff, teachers_failed
 from megatron_lopd.runtime.files import atomic_write
 
 AGGREGATE_JSON = "aggregate.json"
@@ -74,7 +74,8 @@ def aggregate(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
                             "per_seed_se": [d.se for d in diffs], "above": sum(d.significant and d.points > 0 for d in diffs),
                             "below": sum(d.significant and d.points < 0 for d in diffs)})
     wall = [s["wall_clock_s"]["total"] for s in summaries]
-    return {"seeds": seeds, "sizes": first["sizes"], "accuracy": accuracy, "differences": differences,
+    failed = {s["seed"]: teachers_failed(s) for s in summaries if teachers_failed(s)}
+    return {"seeds": seeds, "sizes": first["sizes"], "accuracy": accuracy, "differences": differences, "teachers_failed": failed,
             "wall_clock_s": {"per_seed": wall, "mean": mean_sd(wall)[0]}, "versions": first["versions"]}
 
 
@@ -101,6 +102,10 @@ def aggregate_markdown(agg: dict[str, Any]) -> str:
         "Each seed's own report is in `seed-N/report.md`. Mean +- standard deviation over seeds (n - 1); paired differences "
         f"are over the same {agg['sizes']['eval_problems']} held-out problems within a seed.",
         "",
+        *([f"**Seeds whose teachers did not learn the task** (greedy pass@1 below {100 * TEACHER_FLOOR:.0f} %): "
+           + "; ".join(f"seed {s}: {', '.join(TEACHER_NAMES[t] for t in ts)}" for s, ts in agg["teachers_failed"].items())
+           + ". Their R and every run from it inherit that; the means and spreads below include them.", ""]
+          if agg["teachers_failed"] else []),
         "## Greedy pass@1 (%)",
         "",
         f"| model | mean +- sd | {head} |",

@@ -21,6 +21,9 @@ SUMMARY_NAME = "summary.json"
 REPORT_NAME = "report.md"
 PLOT_NAME = "curves.png"
 SIGNIFICANT_SE = 2.0  # |difference| beyond this many standard errors counts as a difference
+# Below this greedy pass@1 a teacher has not learned the task: the seed's comparisons then test nothing.
+TEACHER_FLOOR = 0.9
+TEACHER_NAMES = {"teacher_a": "teacher A", "teacher_b": "teacher B"}
 
 STAGE_ROWS = (
     ("base_student", "base student B (random init)"),
@@ -75,9 +78,20 @@ def _verdict(d: Diff, better: str, worse: str, same: str) -> str:
 # Findings: sentences from numbers
 
 
+def teachers_failed(summary: dict[str, Any]) -> list[str]:
+    """The teachers below TEACHER_FLOOR (empty when both learned the task)."""
+    return [t for t in ("teacher_a", "teacher_b") if summary["accuracy"][t]["pass1"] < TEACHER_FLOOR]
+
+
 def findings(summary: dict[str, Any]) -> list[str]:
     acc, correct, variants = summary["accuracy"], summary["paired_correct"], summary["variants"]
     out: list[str] = []
+    failed = teachers_failed(summary)
+    if failed:
+        out.append(f"**This seed's {' and '.join(TEACHER_NAMES[t] for t in failed)} did not learn the task** "
+                   f"(greedy pass@1 {', '.join(_pct(acc[t]['pass1']) + '%' for t in failed)}, below {100 * TEACHER_FLOOR:.0f} %): "
+                   "R and every run from it inherit that, so the comparisons below say little about the method; "
+                   "compare several seeds (`lopd demo --seeds 0,1,2`).")
     r = acc["sft_R"]["pass1"]
 
     def vs(a: str, b: str) -> Diff:

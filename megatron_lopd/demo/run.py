@@ -81,7 +81,8 @@ class DemoSizes:
 
     Why these numbers (measured, seeds 0 and 1): teachers reach 99-100 % greedy in 400 steps
     at lr 5e-3 with 84-88 % pass@1 at T=1 (the answer-equivalent paths of style A keep their
-    entropy); R is trained far past the steep part of its SFT curve on a small SFT set (1000
+    entropy); not at every seed: at seed 2 teacher A stalls at 6 % (final loss 0.119 against
+    0.062-0.066), which the report flags (`report.TEACHER_FLOOR`); R is trained far past the steep part of its SFT curve on a small SFT set (1000
     answers, 600 steps: 72-75 %, and more SFT on that set no longer helps); the OPD runs make
     one pass over rollouts of fresh prompts (9600 = 150 steps x 64), so no rollout is fitted twice."""
 

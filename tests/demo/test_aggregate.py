@@ -56,3 +56,15 @@ def test_write_aggregate_files(tmp_path):
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "lightning_topk" in agg_mod.console_aggregate(agg, tmp_path)
+
+
+def test_a_seed_whose_teacher_did_not_learn_is_named():
+    broken = seed_summary(2, 300, 300)
+    broken["accuracy"]["teacher_a"]["pass1"] = 0.06
+    from megatron_lopd.demo.report import findings
+
+    assert findings(broken)[0].startswith("**This seed's teacher A did not learn the task** (greedy pass@1 6.0%, below 90 %)")
+    agg = agg_mod.aggregate([seed_summary(0, 300, 300), broken])
+    assert agg["teachers_failed"] == {2: ["teacher_a"]}
+    assert "Seeds whose teachers did not learn the task** (greedy pass@1 below 90 %): seed 2: teacher A." in agg_mod.aggregate_markdown(agg)
+    assert agg_mod.aggregate([seed_summary(0, 300, 300)])["teachers_failed"] == {}

@@ -37,7 +37,7 @@ def _summary(r: list[int], variants: dict[str, list[int]]) -> dict:
         "seed": 3,
         "sizes": {"eval_problems": n, "kl_prompts": 10, "teacher_steps": 1, "sft_steps": 1, "opd_steps": 4, "batch": 2, "opd_lr": 1e-3,
                   "temperature": 1.0, "curve_every": 2, "teacher": {}, "student": {}},
-        "accuracy": {"base_student": acc(zeros), "teacher_a": acc(zeros), "teacher_b": acc(zeros), "sft_R": acc(r), **{k: acc(v) for k, v in variants.items()}},
+        "accuracy": {"base_student": acc(zeros), "teacher_a": acc([1] * n), "teacher_b": acc([1] * n), "sft_R": acc(r), **{k: acc(v) for k, v in variants.items()}},
         "paired_correct": {"sft_R": r, **variants},
         "variants": {k: {"label": k, "base": k, "loss": loss[k], "data": data[k], "train_seconds": 10.0, "teacher_forward_tokens": 1000 if k != "online" else 3000,
                          "curve": [{"step": 0, "pass1": 0.5, "sampled_pass1": 0.4, "kl_to_teacher_a": 0.2},
