@@ -16,7 +16,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from megatron_lopd.demo.report import SIGNIFICANT_SE, STAGE_ROWS, TEACHER_FLOOR, TEACHER_NAMES, paired_diff, teachers_failed
+from megatron_lopd.demo.report import (LIGHTNING_BASES, SIGNIFICANT_SE, STAGE_ROWS, TEACHER_FLOOR, TEACHER_NAMES, paired_diff,
+                                       run_with_loss, teachers_failed)
 from megatron_lopd.runtime.files import atomic_write
 
 AGGREGATE_JSON = "aggregate.json"
@@ -35,19 +36,15 @@ def _comparisons(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(label, a, b) of the differences a - b the demo reads, for the runs this summary has."""
     variants = summary["variants"]
     out = [(f"{v['label']} vs R", name, "sft_R") for name, v in variants.items()]
-
-    def by(base: str, loss: str) -> str | None:
-        return next((n for n, v in variants.items() if v["base"] == base and v["loss"] == loss), None)
-
     for name, v in variants.items():
         loss, label = v["loss"], v["label"].split("(")[-1].rstrip(")")
-        lightning = by("lightning", loss) or by("lightning_topk", loss)
+        lightning, plain_b = run_with_loss(variants, loss, *LIGHTNING_BASES), run_with_loss(variants, loss, "offline_teacher_b")
         if v["base"] == "online" and lightning:
             out.append((f"Lightning minus online ({label})", lightning, name))
         if v["base"] == "offline_teacher_b" and lightning:
             out.append((f"consistent teacher A minus teacher B ({label})", lightning, name))
-        if v["base"] == "offline_teacher_b_residualized" and by("offline_teacher_b", loss):
-            out.append((f"B style-residualized minus B plain ({label})", name, by("offline_teacher_b", loss)))
+        if v["base"] == "offline_teacher_b_residualized" and plain_b:
+            out.append((f"B style-residualized minus B plain ({label})", name, plain_b))
     return out
 
 

@@ -78,6 +78,14 @@ def _verdict(d: Diff, better: str, worse: str, same: str) -> str:
 # Findings: sentences from numbers
 
 
+LIGHTNING_BASES = ("lightning", "lightning_topk")
+
+
+def run_with_loss(variants: dict[str, Any], loss: str, *bases: str) -> str | None:
+    """The first run of one of `bases` trained with `loss`; None when the demo has none."""
+    return next((n for n, v in variants.items() if v["base"] in bases and v["loss"] == loss), None)
+
+
 def teachers_failed(summary: dict[str, Any]) -> list[str]:
     """The teachers below TEACHER_FLOOR (empty when both learned the task)."""
     return [t for t in ("teacher_a", "teacher_b") if summary["accuracy"][t]["pass1"] < TEACHER_FLOOR]
@@ -100,7 +108,7 @@ def findings(summary: dict[str, Any]) -> list[str]:
     def against_lightning(base: str):
         """(run, its variant, the Lightning run with the same loss, Lightning minus run, the loss label) per run of kind `base`."""
         for name, v in variants.items():
-            ref = next((n for n, w in variants.items() if w["loss"] == v["loss"] and n.startswith("lightning")), None)
+            ref = run_with_loss(variants, v["loss"], *LIGHTNING_BASES)
             if v["base"] == base and ref is not None:
                 yield name, v, ref, vs(ref, name), v["label"].split("(")[-1].rstrip(")")
 
@@ -129,7 +137,7 @@ def findings(summary: dict[str, Any]) -> list[str]:
     # 2b. Cross-teacher correction: teacher B's scores with the style part subtracted, same loss.
     meter = summary.get("consistency", {}).get("meter", {})
     for name, v, ref, d, loss in against_lightning("offline_teacher_b_residualized"):
-        plain = next((n for n, w in variants.items() if w["base"] == "offline_teacher_b" and w["loss"] == v["loss"]), None)
+        plain = run_with_loss(variants, v["loss"], "offline_teacher_b")
         text = f"**Cross-teacher correction ({loss}):** teacher B's scores style-residualized gave {_pct(acc[name]['pass1'])}%"
         if plain is not None:
             dp = vs(name, plain)
