@@ -1,4 +1,4 @@
-"""`lopd demo --out DIR [--seed S | --seeds 0,1,2] [--overwrite | --resume]`: the whole pipeline in miniature on CPU.
+"""`lopd demo --out DIR [--seed S | --seeds 0,1,2] [--overwrite | --resume] [--jobs N]`: the whole pipeline in miniature on CPU.
 
 Trains two tiny teachers and a student, runs the consistent-teacher pipeline with the
 real stages (SFT data, SFT, rollouts, scoring into the store, Lightning OPD, export,
@@ -27,8 +27,17 @@ def register(subparsers) -> None:
     mode.add_argument("--overwrite", action="store_true", help="delete an existing demo in --out and start over")
     mode.add_argument("--resume", action="store_true", help="continue an interrupted demo from its last finished stage")
     p.add_argument("--comparison-losses", default="topk_reverse_kl",
-                   help="comma-separated losses of the teacher-B and online runs (default topk_reverse_kl; "
+                   help="comma-separated losses of the teacher-B runs, plain and style-residualized (default topk_reverse_kl; "
                         "add lightning_opd for the paper's loss, one more run of each)")
+    p.add_argument("--online-losses", default="lightning_opd,topk_reverse_kl",
+                   help="comma-separated losses of the standard online OPD runs (default both: the paper's loss and top-k reverse KL, "
+                        "each against Lightning OPD with the same loss)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="stages run at once, one process and one thread each (default: one per usable CPU, at most 4); "
+                        "the numbers do not depend on it")
+    seeds.add_argument("--study", choices=["paper-loss"], default=None,
+                       help="after the demo (run or resumed in --out), the paper-loss study: lr, steps, advantage clip and "
+                            "T=0.7 data, one at a time, into OUT/study-paper-loss/ (about 5 min more on 2 cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_handle)
 
@@ -39,18 +48,29 @@ def _handle(args: argparse.Namespace) -> int:
     from megatron_lopd.demo.run import LOSS_LABELS, DemoSizes, run_demo, run_demo_seeds
     from megatron_lopd.errors import ConfigError
 
-    losses = tuple(dict.fromkeys(x.strip() for x in args.comparison_losses.split(",") if x.strip()))
-    unknown = [x for x in losses if x not in LOSS_LABELS or x == "sft"]
-    if unknown or not losses:
-        raise ConfigError(f"--comparison-losses {args.comparison_losses!r}: unknown {', '.join(unknown) or 'empty list'}",
-                          f"use some of {', '.join(k for k in LOSS_LABELS if k != 'sft')}")
-    sizes = dataclasses.replace(DemoSizes(), comparison_losses=losses)
+    def losses(flag: str, value: str) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(x.strip() for x in value.split(",") if x.strip()))
+        unknown = [x for x in names if x not in LOSS_LABELS or x == "sft"]
+        if unknown or not names:
+            raise ConfigError(f"{flag} {value!r}: unknown {', '.join(unknown) or 'empty list'}",
+                              f"use some of {', '.join(k for k in LOSS_LABELS if k != 'sft')}")
+        return names
+
+    sizes = dataclasses.replace(DemoSizes(), comparison_losses=losses("--comparison-losses", args.comparison_losses),
+                                online_losses=losses("--online-losses", args.online_losses))
+    if args.study == "paper-loss":
+        from megatron_lopd.demo.study import run_paper_loss_study
+
+        run_paper_loss_study(args.out, seed=args.seed, sizes=sizes, jobs=args.jobs, overwrite=args.overwrite, progress=not args.no_progress)
+        return 0
     if args.seeds is not None:
         try:
             seeds = [int(x) for x in args.seeds.split(",")]
         except ValueError:
             raise ConfigError(f"--seeds {args.seeds!r} is not a list of integers", "e.g. --seeds 0,1,2") from None
-        run_demo_seeds(args.out, seeds, sizes=sizes, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+        run_demo_seeds(args.out, seeds, sizes=sizes, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
+                       jobs=args.jobs)
         return 0
-    run_demo(args.out, seed=args.seed, sizes=sizes, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+    run_demo(args.out, seed=args.seed, sizes=sizes, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
+             jobs=args.jobs)
     return 0

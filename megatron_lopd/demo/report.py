@@ -312,10 +312,12 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "| stage | wall-clock s | CPU s |",
         "|---|---|---|",
         *[f"| {name} | {sec:.1f} | {cpu['stages'].get(name, 0.0):.1f} |" for name, sec in wall["stages"].items()],
-        f"| **total (all stages)** | **{wall['total']:.1f}** | **{cpu['total']:.1f}** |",
+        f"| **all stages** | **{wall.get('stage_sum', wall['total']):.1f}** | **{cpu['total']:.1f}** |",
         "",
-        f"This invocation: {wall['this_invocation']:.1f} s wall-clock. Stage times include measuring the stage's models. "
-        "CPU s is this process's and its subprocesses' CPU time (all threads): on a shared machine, the demo's own work.",
+        f"From the first stage's start to the last one's end: **{wall['total']:.1f} s** in {wall.get('jobs', 1)} parallel lanes "
+        f"(this invocation {wall['this_invocation']:.1f} s). Stage times include measuring the stage's models; stages in parallel "
+        "lanes share the CPUs, so each is slower than it would be alone. CPU s is the stage's process and subprocesses' CPU "
+        "time: on a shared machine, the demo's own work.",
         "",
         "| teacher forward tokens | tokens |",
         "|---|---|",
@@ -336,8 +338,11 @@ def report_markdown(summary: dict[str, Any]) -> str:
         f"manifest ({', '.join(opted_out) or 'no such run'}).",
         "- The style-residualized store (`lopd store residualize`, defaults) is accepted by the trainer without the opt-out; "
         "the correction follows public descriptions of Lightning OPD 2.0 (arXiv 2607.28449), whose full text could not be read.",
-        f"- The teacher-B and online comparisons train with the {', '.join(sorted({v['loss'] for v in variants.values() if v['base'].startswith(('offline_teacher_b', 'online'))}))} "
-        "loss (the demo's `comparison_losses`); the paper's loss runs as the pipeline's own train stage.",
+        f"- The teacher-B runs train with the {', '.join(sorted({v['loss'] for v in variants.values() if v['base'].startswith('offline_teacher_b')}))} "
+        f"loss (`comparison_losses`), the online runs with {', '.join(sorted({v['loss'] for v in variants.values() if v['base'] == 'online'}))} "
+        "(`online_losses`); the paper's loss runs offline as the pipeline's own train stage.",
+        "- The teachers are given models, as in the paper: trained once from `teacher_seed`, whatever the demo's seed"
+        + (f" (this run links them from {s['teachers_shared_from']})" if s.get("teachers_shared_from") else "") + ".",
         "- The online runs use the trainer with a live data stream (`megatron_lopd.demo.online`): each step the current "
         "student's weights go to the transformers sampler, and teacher A scores the fresh samples.",
         f"- Sizes: `{json.dumps({k: v for k, v in sizes.items() if k not in ('teacher', 'student')})}`; "
@@ -366,5 +371,6 @@ def console_summary(summary: dict[str, Any], out: Path) -> str:
         lines.append(f"  {label:<{width}}  {_pct(a['pass1']):>5}%  (sampled {_pct(a['sampled_pass1']):>5}%, KL to A {_kl(a['kl_to_teacher_a'])})")
     lines += [""] + ["  - " + f.replace("**", "") for f in findings(summary)]
     wall = summary["wall_clock_s"]
-    lines += ["", f"  total {wall['total']:.0f} s over all stages ({wall['this_invocation']:.0f} s this run); report: {Path(out) / REPORT_NAME}", ""]
+    lines += ["", f"  {wall['total']:.0f} s from start to end in {wall.get('jobs', 1)} lanes ({wall.get('stage_sum', wall['total']):.0f} s of stage time; "
+              f"{wall['this_invocation']:.0f} s this invocation); report: {Path(out) / REPORT_NAME}", ""]
     return "\n".join(lines)

@@ -34,6 +34,7 @@ resume inside, from their own checkpoints and chunks); `overwrite=True` starts o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -75,35 +76,39 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class DemoSizes:
-    """Everything that sets the demo's scale. The defaults are the README's demo (about 8 min
-    on 2 CPU cores); `tiny()` is a seconds-long version for tests (it shows nothing about the
-    method).
+    """Everything that sets the demo's scale and its results. The defaults are the README's demo
+    (about 6 min on 2 CPU cores); `tiny()` is a seconds-long version for tests (it shows
+    nothing about the method).
 
-    Why these numbers (measured, seeds 0 and 1): teachers reach 99-100 % greedy in 400 steps
-    at lr 5e-3 with 84-88 % pass@1 at T=1 (the answer-equivalent paths of style A keep their
-    entropy); not at every seed: at seed 2 teacher A stalls at 6 % (final loss 0.119 against
-    0.062-0.066), which the report flags (`report.TEACHER_FLOOR`); R is trained far past the steep part of its SFT curve on a small SFT set (1000
-    answers, 600 steps: 72-75 %, and more SFT on that set no longer helps); the OPD runs make
-    one pass over rollouts of fresh prompts (9600 = 150 steps x 64), so no rollout is fitted twice."""
+    Why these numbers (measured on 2 cores, one thread per stage): the teachers are given
+    models, as in the paper, so their seeds come from `teacher_seed`, not from the demo's seed
+    (which varies everything on the student's side: R's initialisation, the SFT data's samples,
+    the rollouts, every training run's data order); at 400 steps of lr 5e-3 they reach
+    99-100 % greedy with their answer-equivalent paths left at T=1 (at 300 steps they are still
+    in the middle of the jump: 5-86 %). R is trained far past the steep part of its SFT curve on
+    a small SFT set (1000 answers), which leaves it well below the teacher; the OPD runs make
+    one pass over rollouts of fresh prompts (opd_steps x batch), so no rollout is fitted twice."""
 
     teacher_problems: int = 12800  # reference solutions each teacher is trained on
     sft_prompts: int = 1000  # prompts teacher A answers for SFT
-    opd_prompts: int = 9600  # prompts R answers once: one pass of the OPD runs
+    opd_prompts: int = 6400  # prompts R answers once: one pass of the OPD runs
     eval_problems: int = 500  # held-out problems (greedy pass@1)
     kl_prompts: int = 200  # held-out prompts for sampled pass@1 and the KL to teacher A
     teacher_steps: int = 400
     teacher_lr: float = 5e-3
-    sft_steps: int = 600
+    teacher_seed: int = 0  # the teachers' initialisation and data order, whatever the demo's seed
+    sft_steps: int = 300
     sft_lr: float = 3e-3
-    opd_steps: int = 150
+    opd_steps: int = 100
     opd_lr: float = 3e-4
     continued_sft_lr: float = 3e-4
     batch: int = 64  # sequences per optimizer step, every training run
     top_k: int = 8  # teacher top-k stored per position
     temperature: float = 1.0  # SFT data, rollouts, online samples
     max_tokens: int = 48  # the longest solution is 42 characters + EOS
-    curve_every: int = 50  # checkpoint interval of the OPD runs (points of the curves)
-    comparison_losses: tuple[str, ...] = ("topk_reverse_kl",)  # losses of the teacher-B and online runs
+    curve_every: int = 25  # checkpoint interval of the OPD runs (points of the curves)
+    comparison_losses: tuple[str, ...] = ("topk_reverse_kl",)  # losses of the teacher-B runs (plain and residualized)
+    online_losses: tuple[str, ...] = ("lightning_opd", "topk_reverse_kl")  # losses of the standard online OPD runs
     teacher: ModelShape = ModelShape()
     student: ModelShape = ModelShape()
 
@@ -116,7 +121,7 @@ class DemoSizes:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["comparison_losses"] = list(self.comparison_losses)
+        d["comparison_losses"], d["online_losses"] = list(self.comparison_losses), list(self.online_losses)
         return d
 
 
@@ -126,11 +131,11 @@ def comparison_name(base: str, loss: str) -> str:
 
 
 def variant_names(sizes: DemoSizes) -> list[str]:
-    """Variant run names, in report order (the comparison runs once per comparison loss)."""
+    """Variant run names, in report order (teacher-B runs once per comparison loss, online runs once per online loss)."""
     return (
         ["lightning", "lightning_topk"]
-        + [comparison_name(base, loss) for base in ("offline_teacher_b", "offline_teacher_b_residualized", "online")
-           for loss in sizes.comparison_losses]
+        + [comparison_name(base, loss) for base in ("offline_teacher_b", "offline_teacher_b_residualized") for loss in sizes.comparison_losses]
+        + [comparison_name("online", loss) for loss in sizes.online_losses]
         + ["continued_sft"]
     )
 
@@ -235,6 +240,16 @@ def _cpu_seconds() -> float:
 
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """A copy of `src` at `dst` made of hard links (a plain copy across file systems); the
+    sources are finished models that nothing writes again."""
+    try:
+        shutil.copytree(src, dst, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
 
 
 def _derived_seed(seed: int, what: str) -> int:
@@ -368,18 +383,27 @@ HF_OPTIONS = {"max_batch": 256}  # the transformers backend's rows per batch: ti
 
 
 class Demo:
-    def __init__(self, out: Path, seed: int, sizes: DemoSizes, state: dict[str, Any], console: Callable[[str], None], progress: bool):
+    """`jobs`: stages run at once (one thread each: the numbers do not depend on it);
+    `shared_teachers`: a finished demo with the same sizes whose teachers this one reuses."""
+
+    def __init__(self, out: Path, seed: int, sizes: DemoSizes, state: dict[str, Any], console: Callable[[str], None], progress: bool,
+                 *, jobs: int = 1, shared_teachers: Path | None = None):
         self.paths = DemoPaths(out)
         self.seed = seed
         self.sizes = sizes
         self.state = state
         self.console = console
         self.progress = progress
+        self.jobs = jobs
+        self.shared_teachers = shared_teachers
         self._measurer: Measurer | None = None
 
     # ------------------------------------------------------------------ helpers
     def seed_of(self, what: str) -> int:
         return _derived_seed(self.seed, what)
+
+    def teacher_seed_of(self, what: str) -> int:
+        return _derived_seed(self.sizes.teacher_seed, what)
 
     @property
     def measurer(self) -> Measurer:
@@ -412,7 +436,8 @@ class Demo:
         common = {
             "model": {"precision": "fp32", "use_te": "false"},
             "data": {"global_batch": s.batch, "seq_length": 64, "micro_batch_size": s.batch, "pack": False, "prefetch": False},
-            "logging": {"tensorboard": False, "progress": self.progress, "log_every": 100},
+            # A console line every 50 steps: what a lane's log shows and the heartbeat reads (no bars in a file).
+            "logging": {"tensorboard": False, "progress": self.progress, "log_every": 50},
         }
         sft = {
             "base": "sft",
@@ -431,8 +456,9 @@ class Demo:
             _atomic_json(files[name], cfg)
         return files
 
-    def train_overrides(self, what: str) -> list[str]:
-        return [f"seed={self.seed_of('megatron/' + what)}", f"data.seed={self.seed_of('data/' + what)}"]
+    def train_overrides(self, what: str, seed_of: Callable[[str], int] | None = None) -> list[str]:
+        seed_of = seed_of or self.seed_of
+        return [f"seed={seed_of('megatron/' + what)}", f"data.seed={seed_of('data/' + what)}"]
 
     def pipeline_config(self):
         from megatron_lopd.pipeline import EvalSettings, GenerateSettings, PipelineConfig, ScoreSettings, StageEnv, StageEnvs, TrainSettings
@@ -491,8 +517,9 @@ class Demo:
         vocab = 32 if len(tokenizer) <= 32 else len(tokenizer)
         models = {"teacher_a_init": s.teacher, "teacher_b_init": s.teacher, "base_student": s.student}
         for name, shape in models.items():
+            seed_of = self.teacher_seed_of if name.startswith("teacher") else self.seed_of
             write_random_hf_model(
-                p.init_model(name), seed=self.seed_of("init/" + name), tokenizer=tokenizer, vocab_size=vocab,
+                p.init_model(name), seed=seed_of("init/" + name), tokenizer=tokenizer, vocab_size=vocab,
                 max_position_embeddings=128, **dataclasses.asdict(shape),
             )
         for style in task.STYLES:
@@ -502,27 +529,46 @@ class Demo:
 
     def stage_teacher(self, style: str) -> dict[str, Any]:
         s, p = self.sizes, self.paths
-        init = p.init_model(f"teacher_{style.lower()}_init")
         t0 = time.perf_counter()
-        self.run_training([
-            f"model.start_from={init}", f"data.sft_data={p.solutions(style)}", f"run_dir={p.teacher_run(style)}",
-            f"train_steps={s.teacher_steps}", f"optimizer.lr={s.teacher_lr}", "schedule.warmup_fraction=0.1",
-            "checkpoint.export_hf=true", *self.train_overrides(f"teacher_{style}"),
-        ], config="sft")
-        seconds = time.perf_counter() - t0
+        source = self.shared_teacher(style)
+        if source is not None:  # the same teacher, trained by another seed's demo: linked, not retrained
+            _link_tree(source.teacher_run(style), p.teacher_run(style))
+            record = {"shared_from": str(source.out), "train_seconds": 0.0}
+        else:
+            init = p.init_model(f"teacher_{style.lower()}_init")
+            self.run_training([
+                f"model.start_from={init}", f"data.sft_data={p.solutions(style)}", f"run_dir={p.teacher_run(style)}",
+                f"train_steps={s.teacher_steps}", f"optimizer.lr={s.teacher_lr}", "schedule.warmup_fraction=0.1",
+                "checkpoint.export_hf=true", *self.train_overrides(f"teacher_{style}", self.teacher_seed_of),
+            ], config="sft")
+            record = {"train_seconds": time.perf_counter() - t0}
         # Teacher B writes another style: its KL to teacher A says nothing, skip it.
-        return {"train_seconds": seconds, "measure": self.measure(f"teacher_{style.lower()}", p.teacher(style), with_kl=style == "A")}
+        return {**record, "measure": self.measure(f"teacher_{style.lower()}", p.teacher(style), with_kl=style == "A")}
+
+    def shared_teacher(self, style: str) -> DemoPaths | None:
+        """`shared_teachers`' paths when it finished this teacher with the same sizes (so the same teacher seed)."""
+        if self.shared_teachers is None:
+            return None
+        source = DemoPaths(Path(self.shared_teachers))
+        try:
+            state = json.loads(source.state.read_text())
+        except (OSError, ValueError):
+            return None
+        done = f"teacher_{style.lower()}" in state.get("stages", {}) and (source.teacher(style) / "config.json").is_file()
+        return source if done and state.get("sizes") == self.sizes.to_dict() else None
 
     def stage_base(self) -> dict[str, Any]:
         return {"measure": self.measure("base_student", self.paths.init_model("base_student"))}
 
-    def run_pipeline_stage(self, name: str) -> dict[str, Any]:
-        """One stage of `pipeline.build_stages`, through the pipeline's runner: skipped when its
-        output verifies (a resumed demo), else its `lopd` commands run in this process (progress
-        bars on), or as subprocesses for vLLM (whose engine sets process-wide thread state)."""
+    def run_pipeline_stage(self, name: str, config=None, log_dir: Path | None = None) -> dict[str, Any]:
+        """One stage of `pipeline.build_stages` (of `config`, default the demo's), through the
+        pipeline's runner: skipped when its output verifies (a resumed demo), else its `lopd`
+        commands run in this process (progress bars on), or as subprocesses for vLLM (whose engine
+        sets process-wide thread state)."""
         from megatron_lopd.pipeline import build_stages, lopd_in_process, run_stage
 
-        config = self.pipeline_config()
+        config = config or self.pipeline_config()
+        log_dir = log_dir or self.paths.logs
         stage = next(st for st in build_stages(config) if st.name == name)
         def in_process(args: list[str]) -> int:
             return lopd_in_process([a for a in args if a != "--no-progress" or not self.progress])
@@ -530,23 +576,25 @@ class Demo:
         execute = in_process
         if name == "sft_data" and config.sft_data.backend == "vllm":
             execute = None
-            self.console(f"    lopd generate --backend vllm (subprocess; log: {self.paths.logs / 'sft_data.log'})")
+            self.console(f"    lopd generate --backend vllm (subprocess; log: {log_dir / 'sft_data.log'})")
         t0 = time.perf_counter()
-        result = run_stage(stage, log_dir=self.paths.logs, echo=lambda _line: None, execute=execute)
+        result = run_stage(stage, log_dir=log_dir, echo=lambda _line: None, execute=execute)
         return {"seconds_stage": time.perf_counter() - t0, "detail": result.detail, "outputs": {k: str(v) for k, v in stage.outputs.items()}}
 
-    def curve(self, name: str, run_dir: Path, final_measure: dict[str, Any]) -> list[dict[str, Any]]:
-        """Accuracy and KL to teacher A at step 0 (R), each saved checkpoint, and the end."""
+    def curve(self, name: str, run_dir: Path, final_measure: dict[str, Any], *, start: dict[str, Any] | None = None,
+              steps: int | None = None) -> list[dict[str, Any]]:
+        """Accuracy and KL to teacher A at step 0 (`start`, default R), each saved checkpoint, and the end (`steps`)."""
         from megatron_lopd.models.checkpoint import convert_to_hf
         from megatron_lopd.training.checkpointing import read_metadata
 
-        r = self.state["stages"]["sft"]["measure"]
+        r = start or self.state["stages"]["sft"]["measure"]
+        steps = steps or self.sizes.opd_steps
         points = [{"step": 0, "pass1": r["pass1"], "sampled_pass1": r["sampled_pass1"], "kl_to_teacher_a": r["kl_to_teacher_a"]}]
         ckpts = sorted(d for d in (run_dir / "checkpoints").glob("step_*") if d.is_dir() and not d.name.endswith(".partial"))
         final_step = None
         for ckpt in ckpts:
             step = int(read_metadata(ckpt)["iteration"])
-            if step >= self.sizes.opd_steps:
+            if step >= steps:
                 final_step = step
                 continue
             hf = self.paths.work / "curves" / name / f"step_{step}"
@@ -555,7 +603,7 @@ class Demo:
             convert_to_hf(ckpt, hf)
             m = self.measurer(hf, self.paths.measure(f"{name}_step{step}"), progress=False)
             points.append({"step": step, "pass1": m.pass1, "sampled_pass1": m.sampled_pass1, "kl_to_teacher_a": m.kl_to_teacher_a})
-        points.append({"step": final_step or self.sizes.opd_steps, "pass1": final_measure["pass1"], "sampled_pass1": final_measure["sampled_pass1"],
+        points.append({"step": final_step or steps, "pass1": final_measure["pass1"], "sampled_pass1": final_measure["sampled_pass1"],
                        "kl_to_teacher_a": final_measure["kl_to_teacher_a"]})
         return points
 
@@ -565,13 +613,15 @@ class Demo:
         keep = ("step", "loss", "kl_to_teacher", "reverse_kl", "top1_agreement", "drift_chi2", "drift_kl", "step_time_s")
         return [{k: r.get(k) for k in keep} for r in read_metrics(run_dir)]
 
-    def finish_variant(self, name: str, run_dir: Path, final_model: Path, train_seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
+    def finish_variant(self, name: str, run_dir: Path, final_model: Path, train_seconds: float, extra: dict[str, Any],
+                       **curve: Any) -> dict[str, Any]:
+        """The final model measured, its curve (`curve`: `Demo.curve`'s start and steps), the training log."""
         t0 = time.perf_counter()
         measure = self.measure(name, final_model)
         return {
             "train_seconds": train_seconds,
             "measure": measure,
-            "curve": self.curve(name, run_dir, measure),
+            "curve": self.curve(name, run_dir, measure, **curve),
             "curve_seconds": time.perf_counter() - t0 - measure["eval_seconds"],
             "metrics": self.training_log(run_dir),
             **extra,
@@ -617,8 +667,9 @@ class Demo:
         result = self.run_pipeline_stage("sft")
         return {**result, "measure": self.measure("sft_R", self.paths.pipeline / "sft" / "hf")}
 
-    def offline_overrides(self, name: str, loss: str, store: Path, run_dir: Path) -> list[str]:
-        s, pipe = self.sizes, self.paths.pipeline
+    def offline_overrides(self, name: str, loss: str, store: Path, run_dir: Path, pipe: Path | None = None) -> list[str]:
+        """An offline run from R (of the pipeline in `pipe`, default the demo's) on `store`."""
+        s, pipe = self.sizes, pipe or self.paths.pipeline
         return [
             f"model.start_from={pipe / 'sft' / 'hf'}", f"data.store={store}", f"data.sft_data={pipe / 'sft_data'}",
             f"run_dir={run_dir}", f"loss={loss}", f"train_steps={s.opd_steps}", f"optimizer.lr={s.opd_lr}",
@@ -713,65 +764,88 @@ class Demo:
         write_report(self.paths.out, build_summary(self))
 
     # ------------------------------------------------------------------ the plan
-    def stages(self) -> list[tuple[str, str, Callable[[], dict[str, Any]], list[Path]]]:
-        """(name, what it does, function, outputs to clear before a rerun) in order."""
-        p = self.paths
-        out: list[tuple[str, str, Callable[[], dict[str, Any]], list[Path]]] = [
-            ("task", "tokenizer, problems, reference solutions, random models", self.stage_task, [p.tokenizer, p.data, p.work / "models"]),
-            ("teacher_a", "train teacher A on style-A solutions (SFT trainer)", lambda: self.stage_teacher("A"), [p.teacher_run("A")]),
-            ("teacher_b", "train teacher B on style-B solutions (SFT trainer)", lambda: self.stage_teacher("B"), [p.teacher_run("B")]),
-            ("base_student", "measure the base student", self.stage_base, []),
-            ("sft_data", "pipeline: teacher A writes the SFT data", lambda: self.stage_artifact_info("sft_data"), []),
-            ("sft", "pipeline: SFT of the base student -> R", self.stage_sft, []),
-            ("rollouts", "pipeline: R samples the OPD rollouts", lambda: self.stage_artifact_info("rollouts"), []),
-            ("score", "pipeline: teacher A scores the rollouts into the store", self.stage_score_info, []),
-            ("train", "pipeline: Lightning OPD from R (paper loss)", lambda: self.run_pipeline_stage("train"), []),
-            ("export", "pipeline: export the student to Hugging Face", lambda: self.run_pipeline_stage("export"), []),
-            ("eval", "pipeline: evaluate the student", self.stage_lightning_eval, []),
-            ("lightning_topk", "Lightning OPD from R, top-k reverse KL", self.stage_lightning_topk, [p.variant("lightning_topk")]),
-            ("score_teacher_b", "teacher B scores the same rollouts", self.stage_score_teacher_b, [p.store_b]),
+    def stages(self) -> list[Stage]:
+        """Every stage with what it needs first, in priority order (a topological order: run
+        one after the other, it is the sequential plan). The long chain to R and the store comes
+        first, then the long online runs, so that parallel lanes finish together."""
+        p, s = self.paths, self.sizes
+        out = [
+            Stage("task", "tokenizer, problems, reference solutions, random models", self.stage_task, (p.tokenizer, p.data, p.work / "models")),
+            Stage("teacher_a", "train teacher A on style-A solutions (SFT trainer)", lambda: self.stage_teacher("A"), (p.teacher_run("A"),), ("task",)),
+            Stage("teacher_b", "train teacher B on style-B solutions (SFT trainer)", lambda: self.stage_teacher("B"), (p.teacher_run("B"),), ("task",)),
+            Stage("base_student", "measure the base student", self.stage_base, (), ("task",)),
+            Stage("sft_data", "pipeline: teacher A writes the SFT data", lambda: self.stage_artifact_info("sft_data"), (), ("teacher_a",)),
+            Stage("sft", "pipeline: SFT of the base student -> R", self.stage_sft, (), ("sft_data",)),
+            Stage("rollouts", "pipeline: R samples the OPD rollouts", lambda: self.stage_artifact_info("rollouts"), (), ("sft",)),
+            Stage("score", "pipeline: teacher A scores the rollouts into the store", self.stage_score_info, (), ("rollouts",)),
         ]
-        for loss in self.sizes.comparison_losses:
-            name = comparison_name("offline_teacher_b", loss)
-            out.append((name, f"offline OPD on teacher B's store ({LOSS_LABELS[loss]})", lambda n=name, l=loss: self.stage_offline_teacher_b(n, l), [p.variant(name)]))
-        out.append(("residualize_teacher_b", "consistency meter on both stores; teacher B's store style-residualized",
-                    self.stage_residualize_teacher_b, [p.store_b_residualized]))
-        for loss in self.sizes.comparison_losses:
-            name = comparison_name("offline_teacher_b_residualized", loss)
-            out.append((name, f"offline OPD on teacher B's style-residualized store ({LOSS_LABELS[loss]})",
-                        lambda n=name, l=loss: self.stage_offline_teacher_b_residualized(n, l), [p.variant(name)]))
-        for loss in self.sizes.comparison_losses:
+        for loss in s.online_losses:
             name = comparison_name("online", loss)
-            out.append((name, f"standard online OPD, teacher A live ({LOSS_LABELS[loss]})", lambda n=name, l=loss: self.stage_online(n, l), [p.variant(name)]))
-        out.append(("continued_sft", "continued SFT from R (reference)", self.stage_continued_sft, [p.variant("continued_sft")]))
+            out.append(Stage(name, f"standard online OPD, teacher A live ({LOSS_LABELS[loss]})",
+                             lambda n=name, l=loss: self.stage_online(n, l), (p.variant(name),), ("sft",)))
+        out += [
+            Stage("train", "pipeline: Lightning OPD from R (paper loss)", lambda: self.run_pipeline_stage("train"), (), ("score",)),
+            Stage("export", "pipeline: export the student to Hugging Face", lambda: self.run_pipeline_stage("export"), (), ("train",)),
+            Stage("eval", "pipeline: evaluate the student", self.stage_lightning_eval, (), ("export",)),
+            Stage("lightning_topk", "Lightning OPD from R, top-k reverse KL", self.stage_lightning_topk, (p.variant("lightning_topk"),), ("score",)),
+            Stage("score_teacher_b", "teacher B scores the same rollouts", self.stage_score_teacher_b, (p.store_b,), ("rollouts", "teacher_b")),
+        ]
+        for loss in s.comparison_losses:
+            name = comparison_name("offline_teacher_b", loss)
+            out.append(Stage(name, f"offline OPD on teacher B's store ({LOSS_LABELS[loss]})",
+                             lambda n=name, l=loss: self.stage_offline_teacher_b(n, l), (p.variant(name),), ("score_teacher_b",)))
+        out.append(Stage("residualize_teacher_b", "consistency meter on both stores; teacher B's store style-residualized",
+                         self.stage_residualize_teacher_b, (p.store_b_residualized,), ("score", "score_teacher_b")))
+        for loss in s.comparison_losses:
+            name = comparison_name("offline_teacher_b_residualized", loss)
+            out.append(Stage(name, f"offline OPD on teacher B's style-residualized store ({LOSS_LABELS[loss]})",
+                             lambda n=name, l=loss: self.stage_offline_teacher_b_residualized(n, l), (p.variant(name),),
+                             ("residualize_teacher_b",)))
+        out.append(Stage("continued_sft", "continued SFT from R (reference)", self.stage_continued_sft, (p.variant("continued_sft"),), ("sft",)))
         return out
 
+    def lane_runner(self) -> Callable[[], "Demo"]:
+        """What a lane builds: this demo, with the worker's console (its stage log) and no bars."""
+        return functools.partial(Demo, self.paths.out, self.seed, self.sizes, {}, print, False, shared_teachers=self.shared_teachers)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.paths.logs / "demo"
+
+    def close(self) -> None:
+        if self._measurer is not None:
+            self._measurer.close()
+
     def run(self) -> dict[str, Any]:
-        """Every stage not finished before, in order; then the report (always rewritten)."""
-        plan = self.stages()
-        started = time.perf_counter()
-        try:
-            for i, (name, what, fn, outputs) in enumerate(plan, 1):
-                header = f"[{i:2d}/{len(plan)}] {name:<18} {what}"
-                if name in self.state["stages"]:
-                    self.console(f"{header}: done before ({self.state['stages'][name]['seconds']:.1f} s), skipped")
-                    continue
-                self.console(header)
-                for path in outputs:  # an interrupted stage starts over (pipeline stages resume inside instead)
-                    if path.exists():
-                        shutil.rmtree(path)
-                t0, c0 = time.perf_counter(), _cpu_seconds()
-                result = fn()
-                self.state["stages"][name] = {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0, **result}
-                self.save_state()
-                self.console(f"        done in {self.state['stages'][name]['seconds']:.1f} s")
-        finally:
-            if self._measurer is not None:
-                self._measurer.close()
-        self.state["invocation_seconds"] = time.perf_counter() - started
+        """Every stage not finished before (in `jobs` parallel lanes), then the report (always rewritten)."""
+        from megatron_lopd.demo.lanes import run_plan
+
+        self.state["invocation_seconds"] = run_plan(self, self.stages())
+        self.state["elapsed_seconds"] = self.state.get("elapsed_seconds", 0.0) + self.state["invocation_seconds"]
         self.save_state()
         self.stage_report()
         return json.loads((self.paths.out / SUMMARY_NAME).read_text())
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the demo: `run` returns its results; `clear` is removed before a (re)run;
+    `after` names the stages whose outputs it reads."""
+
+    name: str
+    what: str
+    run: Callable[[], dict[str, Any]]
+    clear: tuple[Path, ...] = ()
+    after: tuple[str, ...] = ()
+
+    def execute(self) -> dict[str, Any]:
+        """Run from a clean start; the state record (seconds, CPU seconds, results)."""
+        for path in self.clear:  # an interrupted stage starts over (pipeline stages resume inside instead)
+            if path.exists():
+                shutil.rmtree(path)
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        result = self.run()
+        return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0, **result}
 
 
 # ---------------------------------------------------------------------------------------
@@ -815,7 +889,10 @@ def build_summary(demo: Demo) -> dict[str, Any]:
         "paired_correct": correct,
         "variants": variants,
         "cpu_s": {"stages": stage_cpu, "total": round(sum(stage_cpu.values()), 2)},
-        "wall_clock_s": {"stages": stage_seconds, "total": round(sum(stage_seconds.values()), 2),
+        # total: from the first stage's start to the last one's end (summed over resumed invocations);
+        # stage_sum counts each stage's own time, lanes in parallel added up.
+        "wall_clock_s": {"stages": stage_seconds, "total": round(demo.state.get("elapsed_seconds", 0.0), 2),
+                         "stage_sum": round(sum(stage_seconds.values()), 2), "jobs": demo.jobs,
                          "this_invocation": round(demo.state.get("invocation_seconds", 0.0), 2),
                          "offline_rollouts_plus_scoring": round(offline_cost, 2)},
         "teacher_forward_tokens": {
@@ -832,6 +909,7 @@ def build_summary(demo: Demo) -> dict[str, Any]:
                  "rollouts_correct": st["rollouts"]["correct_fraction"], "rollouts": st["rollouts"]["samples"],
                  "sft_samples": st["sft_data"]["samples"]},
         "example": st["task"]["example"],
+        **({"teachers_shared_from": st["teacher_a"]["shared_from"]} if "shared_from" in st.get("teacher_a", {}) else {}),
     }
 
 
@@ -852,6 +930,16 @@ def _quiet_libraries() -> None:
             warnings.filterwarnings("ignore", category=category, module=module)
 
 
+def prepare_process() -> None:
+    """One thread per stage (the numbers do not depend on --jobs or on the core count; a tiny
+    model gains little from a second thread), no tokenizer threads, a readable console."""
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(1)
+    _quiet_libraries()
+
+
 def run_demo(
     out: str | Path,
     *,
@@ -861,18 +949,22 @@ def run_demo(
     sizes: DemoSizes = DemoSizes(),
     console: Callable[[str], None] | None = None,
     progress: bool = True,
+    jobs: int | None = None,
+    shared_teachers: Path | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the demo into `out`; returns summary.json's content."""
-    import torch
+    """Run (or resume) the demo into `out` in `jobs` parallel lanes (default: one per usable
+    CPU, at most 4); returns summary.json's content. `shared_teachers`: a finished demo with the
+    same sizes whose teachers are reused (linked) instead of trained again."""
+    from megatron_lopd.demo.lanes import default_jobs
 
     out = Path(out)
     echo = console or (lambda line: print(line, flush=True))
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: needs at least one lane", "pass --jobs 1 or more (default: one per usable CPU, at most 4)")
     state = prepare_out_dir(out, seed=seed, sizes=sizes, overwrite=overwrite, resume=resume)
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # deterministic for a seed at a fixed thread count
-    _quiet_libraries()
-    demo = Demo(out, seed, sizes, state, echo, progress)
+    prepare_process()
+    demo = Demo(out, seed, sizes, state, echo, progress, jobs=jobs or default_jobs(), shared_teachers=shared_teachers)
     demo.save_state()
     summary = demo.run()
     from megatron_lopd.demo.report import console_summary
@@ -882,9 +974,10 @@ def run_demo(
 
 
 def run_demo_seeds(out: str | Path, seeds: list[int], *, overwrite: bool = False, resume: bool = False, sizes: DemoSizes = DemoSizes(),
-                   console: Callable[[str], None] | None = None, progress: bool = True) -> dict[str, Any]:
-    """The demo once per seed into `out/seed-N/` (each resumable on its own), then the numbers over
-    seeds (`demo.aggregate`) into `out/`; returns aggregate.json's content."""
+                   console: Callable[[str], None] | None = None, progress: bool = True, jobs: int | None = None) -> dict[str, Any]:
+    """The demo once per seed into `out/seed-N/` (each resumable on its own; the teachers, which
+    do not depend on the seed, are trained by the first seed and linked into the others), then
+    the numbers over seeds (`demo.aggregate`) into `out/`; returns aggregate.json's content."""
     from megatron_lopd.demo.aggregate import console_aggregate, write_aggregate
 
     if len(set(seeds)) != len(seeds) or not seeds:
@@ -896,10 +989,10 @@ def run_demo_seeds(out: str | Path, seeds: list[int], *, overwrite: bool = False
         if d.exists() and not overwrite:
             prepare_out_dir(d, seed=seed, sizes=sizes, overwrite=False, resume=resume)
     summaries = []
-    for seed, d in dirs.items():
+    for i, (seed, d) in enumerate(dirs.items()):
         echo(f"== demo seed {seed} -> {d}")
         summaries.append(run_demo(d, seed=seed, overwrite=overwrite, resume=resume and d.exists(), sizes=sizes, console=console,
-                                  progress=progress))
+                                  progress=progress, jobs=jobs, shared_teachers=dirs[seeds[0]] if i else None))
     agg = write_aggregate(out, summaries)
     echo(console_aggregate(agg, out))
     return agg

@@ -72,7 +72,7 @@ def test_tiny_demo_end_to_end_resume_and_determinism(tmp_path):
     sizes = DemoSizes.tiny()
     lines: list[str] = []
     out = tmp_path / "demo"
-    summary = run_demo(out, seed=5, sizes=sizes, console=lines.append, progress=False)
+    summary = run_demo(out, seed=5, sizes=sizes, console=lines.append, progress=False, jobs=2)
     for name in ("report.md", "summary.json", "curves.png"):
         assert (out / name).is_file()
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -102,7 +102,10 @@ def test_tiny_demo_end_to_end_resume_and_determinism(tmp_path):
     online = summary["variants"]["online"]["online_stats"]
     assert online["steps"] == sizes.opd_steps and tokens["online:online"] == online["teacher_forward_tokens"] > online["sampled_tokens"]
     wall = summary["wall_clock_s"]
-    assert wall["total"] == pytest.approx(sum(wall["stages"].values()), abs=0.05)
+    assert wall["stage_sum"] == pytest.approx(sum(wall["stages"].values()), abs=0.05) and wall["jobs"] == 2
+    assert 0 < wall["total"] < wall["stage_sum"]  # two lanes: stages overlapped
+    for st in (out / "work" / "logs" / "demo").glob("*.log"):  # each stage's output went to its own log
+        assert st.stem in summary["wall_clock_s"]["stages"]
     assert "Lightning OPD" in (out / "report.md").read_text()
     assert any("lightning_topk" in line for line in lines)
 
@@ -137,7 +140,31 @@ def test_tiny_demo_end_to_end_resume_and_determinism(tmp_path):
         run_demo_seeds(tmp_path / "multi", [5, 6], sizes=sizes, console=lines.append, progress=False)
     assert not (tmp_path / "multi" / "seed-6").exists()
 
-    # Deterministic for a seed: a second demo from scratch gives the same numbers.
-    other = run_demo(tmp_path / "demo2", seed=5, sizes=sizes, console=lambda _: None, progress=False)
-    assert other["accuracy"] == summary["accuracy"]
+    # The paper-loss study over the finished demo: every arm from the right R, the base arm repeats the
+    # demo's run problem by problem, the T=0.7 pipeline really samples at 0.7; a second call reruns nothing.
+    from megatron_lopd.demo.study import STUDY_NAME, paper_loss_arms, run_paper_loss_study
+
+    study = run_paper_loss_study(out, seed=5, sizes=sizes, jobs=2, console=lines.append, progress=False)
+    assert study["base_matches_demo"] and [a["name"] for a in study["arms"]] == [a.name for a in paper_loss_arms()]
+    arms = {a["name"]: a for a in study["arms"]}
+    assert arms["passes_3"]["steps"] == 3 * sizes.opd_steps and arms["passes_3"]["curve"][-1]["step"] == 3 * sizes.opd_steps
+    assert arms["t07"]["start_pass1"] == study["R_t07"]["pass1"] and arms["base"]["start_pass1"] == summary["accuracy"]["sft_R"]["pass1"]
+    assert all(m["drift_chi2"] is not None for m in arms["lr_3e-3"]["metrics"])
+    for kind in ("sft_data", "rollouts"):
+        manifest = json.loads((out / STUDY_NAME / "t07" / "pipeline" / kind / "manifest.json").read_text())
+        assert manifest["params"]["temperature"] == 0.7, kind
+    run_config = json.loads((out / STUDY_NAME / "runs" / "clip_1" / "config.json").read_text())
+    assert run_config["advantage_clip"] == 1.0 and run_config["loss"] == "lightning_opd"
+    for name in ("study.md", "study.json", "study.png"):
+        assert (out / STUDY_NAME / name).is_file()
+    lines.clear()
+    run_paper_loss_study(out, seed=5, sizes=sizes, jobs=2, console=lines.append, progress=False)
+    assert not [line for line in lines if line.startswith("[") and "skipped" not in line]
+
+    # Deterministic for a seed, whatever the lanes: a second demo from scratch, every stage one after the
+    # other in this process, gives the same numbers as two lanes did.
+    other = run_demo(tmp_path / "demo2", seed=5, sizes=sizes, console=lambda _: None, progress=False, jobs=1)
+    assert other["accuracy"] == summary["accuracy"] and other["wall_clock_s"]["jobs"] == 1
     assert [v["curve"] for v in other["variants"].values()] == [v["curve"] for v in summary["variants"].values()]
+    losses = lambda s: {n: [m["loss"] for m in v["metrics"]] for n, v in s["variants"].items()}  # noqa: E731
+    assert losses(other) == losses(summary)

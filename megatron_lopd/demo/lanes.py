@@ -1,0 +1,200 @@
+"""The demo's stages in parallel lanes: one worker process per lane, each stage as soon as the
+stages it reads from are done.
+
+Why processes: the demo's models are tiny, so a training step costs mostly per-operation
+overhead that a second thread hardly shortens (measured on 2 cores: 153 ms per step with 2
+threads, 132 ms with 1), while two processes of one thread each run side by side at about
+1.7x the throughput. Every stage runs with one thread, in-process (`--jobs 1`) or in a
+lane, so a seed gives the same numbers whatever the number of lanes (a test runs both).
+
+Each worker imports torch and megatron-core once and keeps its `Demo` (and teacher A's
+backend, for the KL measurements) across stages; only the parent writes state.json. A
+stage's output goes to `work/logs/demo/<stage>.log`; the console gets a line when a stage
+starts and ends, and every `HEARTBEAT_S` one line with the running stages' progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import queue
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from megatron_lopd.demo.run import Demo, Stage
+
+HEARTBEAT_S = 30.0
+_STEP = re.compile(rb"step (\d+)/(\d+)")
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_jobs() -> int:
+    """One lane per usable CPU, at most 4 (the widest point of the demo's stage graph)."""
+    return max(1, min(4, usable_cpus()))
+
+
+class DemoStageError(RuntimeError):
+    """A stage failed in a lane; the message names the stage, the error and the log."""
+
+
+@contextlib.contextmanager
+def _output_to(log: Path):
+    """Send this process's stdout and stderr (file descriptors too: subprocesses, C libraries) to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _worker(build: Callable[[], Any], lane: int, tasks, results) -> None:
+    """A lane: `build()`s its runner (a Demo, a study) once, then runs the stages it is sent until it gets None."""
+    from megatron_lopd.demo.run import prepare_process
+
+    prepare_process()
+    runner = build()
+    try:
+        while (task := tasks.get()) is not None:
+            name, state, log = task
+            runner.state = state
+            with _output_to(Path(log)):
+                try:
+                    stage = next(st for st in runner.stages() if st.name == name)
+                    outcome = {"record": stage.execute()}
+                except BaseException as exc:  # noqa: BLE001 - reported to the parent, which stops the demo
+                    traceback.print_exc()
+                    outcome = {"error": f"{type(exc).__name__}: {exc}"}
+            results.put((lane, name, outcome))
+    finally:
+        runner.close()
+
+
+def _progress(log: Path) -> str:
+    """The last `step N/M` a stage's log shows (training and generation bars print it), else ''."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            found = _STEP.findall(f.read())
+    except OSError:
+        return ""
+    return f"step {int(found[-1][0])}/{int(found[-1][1])}" if found else ""
+
+
+def run_in_lanes(demo: "Demo", todo: list["Stage"], number: dict[str, str], build: Callable[[], Any]) -> None:
+    """Run `todo` (a topological order, most urgent first) in `demo.jobs` lanes, each a process
+    with a `build()` runner like `demo` (`stages()`, `state`, `close()`); each
+    finished stage is recorded in demo.state at once. The first failure stops new stages, waits
+    for the running ones (their results are kept for --resume) and raises DemoStageError."""
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch or megatron state inherited
+    results = ctx.Queue()
+    lanes = []
+    for lane in range(min(demo.jobs, len(todo))):
+        tasks = ctx.Queue()
+        proc = ctx.Process(target=_worker, args=(build, lane, tasks, results), name=f"lopd-demo-lane-{lane}")
+        proc.start()
+        lanes.append({"proc": proc, "tasks": tasks, "stage": None, "t0": 0.0, "log": None})
+    pending, failure = list(todo), None
+    started, beat = time.perf_counter(), time.perf_counter()
+    try:
+        while True:
+            idle = [lane for lane in lanes if lane["stage"] is None]
+            ready = [st for st in pending if all(d in demo.state["stages"] for d in st.after)] if failure is None else []
+            for lane, stage in zip(idle, ready):
+                pending.remove(stage)
+                log = demo.log_dir / f"{stage.name}.log"
+                lane.update(stage=stage, t0=time.perf_counter(), log=log)
+                lane["tasks"].put((stage.name, demo.state, str(log)))
+                demo.console(f"{number[stage.name]} {stage.what}")
+            busy = [lane for lane in lanes if lane["stage"] is not None]
+            if not busy:
+                if pending and failure is None:
+                    raise RuntimeError(f"demo stages {[st.name for st in pending]} wait for stages that never run (a bug in Stage.after)")
+                break
+            try:
+                lane_index, name, outcome = results.get(timeout=5.0)
+            except queue.Empty:
+                dead = [lane for lane in busy if not lane["proc"].is_alive()]
+                if dead:
+                    lane = dead[0]
+                    raise DemoStageError(f"demo stage {lane['stage'].name}: its worker process died (exit code {lane['proc'].exitcode}); "
+                                         f"log: {lane['log']}; rerun with --resume")
+                if demo.progress and time.perf_counter() - beat >= HEARTBEAT_S:
+                    beat = time.perf_counter()
+                    running = ", ".join(f"{lane['stage'].name} {time.perf_counter() - lane['t0']:.0f} s"
+                                        + (f" ({p})" if (p := _progress(lane["log"])) else "") for lane in busy)
+                    demo.console(f"        {time.perf_counter() - started:.0f} s: running {running}; "
+                                 f"{len(demo.state['stages'])} stages done, {len(pending)} waiting")
+                continue
+            lane = lanes[lane_index]
+            stage, log = lane["stage"], lane["log"]
+            lane["stage"] = None
+            if "error" in outcome:
+                demo.console(f"        {name} FAILED: {outcome['error']} (log: {log})")
+                failure = failure or DemoStageError(f"demo stage {name} failed: {outcome['error']}; traceback in {log}; "
+                                                    "fix it and rerun with --resume (finished stages are kept)")
+                continue
+            demo.state["stages"][name] = outcome["record"]
+            demo.save_state()
+            measured = outcome["record"].get("measure")
+            demo.console(f"        {name} done in {outcome['record']['seconds']:.1f} s"
+                         + (f" (greedy pass@1 {100 * measured['pass1']:.1f}%)" if measured else ""))
+        if failure is not None:
+            raise failure
+    finally:
+        for lane in lanes:
+            if lane["proc"].is_alive() and lane["stage"] is None:
+                lane["tasks"].put(None)
+        for lane in lanes:
+            lane["proc"].join(timeout=30 if lane["stage"] is None else 0)
+            if lane["proc"].is_alive():
+                lane["proc"].terminate()
+                lane["proc"].join(timeout=10)
+
+
+def run_plan(runner: "Demo", plan: list["Stage"]) -> float:
+    """The stages of `plan` not in runner.state yet: one after the other in this process
+    (`runner.jobs` 1), else in lanes; every finished stage recorded at once. Returns the seconds it took."""
+    width = max(len(st.name) for st in plan)
+    number = {st.name: f"[{i:2d}/{len(plan)}] {st.name:<{width}}" for i, st in enumerate(plan, 1)}
+    todo = []
+    for st in plan:
+        if st.name in runner.state["stages"]:
+            runner.console(f"{number[st.name]} {st.what}: done before ({runner.state['stages'][st.name]['seconds']:.1f} s), skipped")
+        else:
+            todo.append(st)
+    started = time.perf_counter()
+    try:
+        if runner.jobs <= 1 or len(todo) <= 1:
+            for st in todo:
+                runner.console(f"{number[st.name]} {st.what}")
+                runner.state["stages"][st.name] = st.execute()
+                runner.save_state()
+                runner.console(f"        done in {runner.state['stages'][st.name]['seconds']:.1f} s")
+        else:
+            run_in_lanes(runner, todo, number, runner.lane_runner())
+    finally:
+        runner.close()
+    return time.perf_counter() - started
