@@ -3,7 +3,9 @@
 Trains two tiny teachers and a student, runs the consistent-teacher pipeline with the
 real stages (SFT data, SFT, rollouts, scoring into the store, Lightning OPD, export,
 evaluation), the teacher-consistency and online-OPD comparisons from the same R, and
-writes DIR/report.md, DIR/curves.png and DIR/summary.json.
+writes DIR/report.md, DIR/curves.png and DIR/summary.json. Independent stages run at
+once in --jobs lanes (about 6 minutes on 2 cores). `--study paper-loss` adds the study
+of the paper's loss (OUT/study-paper-loss/study.md).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", required=True, help="output directory (report.md, curves.png, summary.json, work/)")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0, help="seed of every model, data order and sample (default 0)")
+    seeds.add_argument("--seed", type=int, default=0, help="seed of the student side: R's initialisation, every sample and data order (default 0); the teachers "
+                            "are given models, the same for every seed")
     seeds.add_argument("--seeds", default=None, metavar="S1,S2,...",
                        help="run once per seed into OUT/seed-N/ and write OUT/aggregate.md: mean +- sd over seeds (README: 0,1,2)")
     mode = p.add_mutually_exclusive_group()

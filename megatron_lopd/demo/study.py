@@ -101,7 +101,7 @@ class PaperLossStudy:
                                    rollouts=dataclasses.replace(config.rollouts, temperature=T07))
 
     def t07_stage(self, name: str) -> dict[str, Any]:
-        result = self.demo.run_pipeline_stage(name, self.t07_config(), self.dir / "t07" / "logs")
+        result = self.demo.run_pipeline_stage(name, self.t07_config())
         if name == "sft":
             result["measure"] = self.demo.measure("study-t07_R", self.t07_pipeline / "sft" / "hf")
         return result
