@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--jobs", type=int, default=None,
                    help="stages run at once, one process and one thread each (default: one per usable CPU, at most 4); "
                         "the numbers do not depend on it")
-    seeds.add_argument("--study", choices=["paper-loss"], default=None,
+    p.add_argument("--study", choices=["paper-loss"], default=None,
                        help="after the demo (run or resumed in --out), the paper-loss study: lr, steps, advantage clip and "
                             "T=0.7 data, one at a time, into OUT/study-paper-loss/ (about 5 min more on 2 cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -61,6 +61,8 @@ def _handle(args: argparse.Namespace) -> int:
 
     sizes = dataclasses.replace(DemoSizes(), comparison_losses=losses("--comparison-losses", args.comparison_losses),
                                 online_losses=losses("--online-losses", args.online_losses))
+    if args.study and args.seeds is not None:
+        raise ConfigError("--study runs over one demo", "pass --seed S (one seed) with --study, not --seeds")
     if args.study == "paper-loss":
         from megatron_lopd.demo.study import run_paper_loss_study
 
