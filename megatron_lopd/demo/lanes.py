@@ -1,5 +1,6 @@
-"""The demo's stages in parallel lanes: one worker process per lane, each stage as soon as the
-stages it reads from are done.
+"""How the demo's stages run (`Stage`, `run_plan`): one after the other in this process, or in
+parallel lanes, one worker process per lane, each stage as soon as the stages it reads from
+are done.
 
 Why processes: the demo's models are tiny, so a training step costs mostly per-operation
 overhead that a second thread hardly shortens (measured on 2 cores: 153 ms per step with 2
@@ -20,17 +21,84 @@ import multiprocessing
 import os
 import queue
 import re
+import shutil
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
-
-if TYPE_CHECKING:
-    from megatron_lopd.demo.run import Demo, Stage
+from typing import Any, Callable, Protocol
 
 HEARTBEAT_S = 30.0
 _STEP = re.compile(rb"step (\d+)/(\d+)")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the demo: `run` returns its results; `clear` is removed before a (re)run;
+    `after` names the stages whose outputs it reads."""
+
+    name: str
+    what: str
+    run: Callable[[], dict[str, Any]]
+    clear: tuple[Path, ...] = ()
+    after: tuple[str, ...] = ()
+
+    def execute(self) -> dict[str, Any]:
+        """Run from a clean start; the state record (seconds, CPU seconds, results)."""
+        for path in self.clear:  # an interrupted stage starts over (pipeline stages resume inside instead)
+            if path.exists():
+                shutil.rmtree(path)
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        result = self.run()
+        return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0, **result}
+
+
+class StageRunner(Protocol):
+    """What runs a plan of stages (`demo.run.Demo`, `demo.study.PaperLossStudy`)."""
+
+    state: dict[str, Any]  # {"stages": {name: record}}: the finished stages
+    jobs: int
+    progress: bool
+    log_dir: Path
+
+    def stages(self) -> list[Stage]: ...
+    def console(self, line: str) -> None: ...
+    def save_state(self) -> None: ...
+    def lane_runner(self) -> Callable[[], "StageRunner"]: ...
+    def close(self) -> None: ...
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children: on a shared
+    machine, the part of the wall-clock that is the demo's own work."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _quiet_libraries() -> None:
+    """A readable console: no per-file weight-loading bars, no known import-time warnings
+    (megatron-core without TE/Apex, torch deprecations); the stages' own bars and lines stay."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    for module in (r"megatron\.", r"torch\.", r"megatron_lopd\.runtime\.cuda_compat"):
+        for category in (UserWarning, DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category, module=module)
+
+
+def prepare_process() -> None:
+    """One thread per stage (the numbers do not depend on --jobs or on the core count; a tiny
+    model gains little from a second thread), no tokenizer threads, a readable console."""
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(1)
+    _quiet_libraries()
 
 
 def usable_cpus() -> int:
@@ -72,8 +140,6 @@ def _output_to(log: Path):
 
 def _worker(build: Callable[[], Any], lane: int, tasks, results) -> None:
     """A lane: `build()`s its runner (a Demo, a study) once, then runs the stages it is sent until it gets None."""
-    from megatron_lopd.demo.run import prepare_process
-
     prepare_process()
     runner = build()
     try:
@@ -103,7 +169,7 @@ def _progress(log: Path) -> str:
     return f"step {int(found[-1][0])}/{int(found[-1][1])}" if found else ""
 
 
-def run_in_lanes(demo: "Demo", todo: list["Stage"], number: dict[str, str], build: Callable[[], Any]) -> None:
+def run_in_lanes(demo: StageRunner, todo: list[Stage], number: dict[str, str], build: Callable[[], Any]) -> None:
     """Run `todo` (a topological order, most urgent first) in `demo.jobs` lanes, each a process
     with a `build()` runner like `demo` (`stages()`, `state`, `close()`); each
     finished stage is recorded in demo.state at once. The first failure stops new stages, waits
@@ -174,7 +240,7 @@ def run_in_lanes(demo: "Demo", todo: list["Stage"], number: dict[str, str], buil
                 lane["proc"].join(timeout=10)
 
 
-def run_plan(runner: "Demo", plan: list["Stage"]) -> float:
+def run_plan(runner: StageRunner, plan: list[Stage]) -> float:
     """The stages of `plan` not in runner.state yet: one after the other in this process
     (`runner.jobs` 1), else in lanes; every finished stage recorded at once. Returns the seconds it took."""
     width = max(len(st.name) for st in plan)

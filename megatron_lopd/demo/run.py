@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_lopd.demo import task
+from megatron_lopd.demo.lanes import Stage, default_jobs, prepare_process, run_plan
 from megatron_lopd.demo.report import SUMMARY_NAME
 from megatron_lopd.errors import ConfigError
 
@@ -235,15 +236,6 @@ def _atomic_json(path: Path, data: Any) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children: on a shared
-    machine, the part of the wall-clock that is the demo's own work."""
-    import resource
-
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -810,34 +802,11 @@ class Demo:
 
     def run(self) -> dict[str, Any]:
         """Every stage not finished before (in `jobs` parallel lanes), then the report (always rewritten)."""
-        from megatron_lopd.demo.lanes import run_plan
-
         self.state["invocation_seconds"] = run_plan(self, self.stages())
         self.state["elapsed_seconds"] = self.state.get("elapsed_seconds", 0.0) + self.state["invocation_seconds"]
         self.save_state()
         self.stage_report()
         return json.loads((self.paths.out / SUMMARY_NAME).read_text())
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of the demo: `run` returns its results; `clear` is removed before a (re)run;
-    `after` names the stages whose outputs it reads."""
-
-    name: str
-    what: str
-    run: Callable[[], dict[str, Any]]
-    clear: tuple[Path, ...] = ()
-    after: tuple[str, ...] = ()
-
-    def execute(self) -> dict[str, Any]:
-        """Run from a clean start; the state record (seconds, CPU seconds, results)."""
-        for path in self.clear:  # an interrupted stage starts over (pipeline stages resume inside instead)
-            if path.exists():
-                shutil.rmtree(path)
-        t0, c0 = time.perf_counter(), _cpu_seconds()
-        result = self.run()
-        return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - c0, **result}
 
 
 # ---------------------------------------------------------------------------------------
@@ -909,29 +878,6 @@ def build_summary(demo: Demo) -> dict[str, Any]:
 # Entry
 
 
-def _quiet_libraries() -> None:
-    """A readable console: no per-file weight-loading bars, no known import-time warnings
-    (megatron-core without TE/Apex, torch deprecations); the stages' own bars and lines stay."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    for module in (r"megatron\.", r"torch\.", r"megatron_lopd\.runtime\.cuda_compat"):
-        for category in (UserWarning, DeprecationWarning, FutureWarning):
-            warnings.filterwarnings("ignore", category=category, module=module)
-
-
-def prepare_process() -> None:
-    """One thread per stage (the numbers do not depend on --jobs or on the core count; a tiny
-    model gains little from a second thread), no tokenizer threads, a readable console."""
-    import torch
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(1)
-    _quiet_libraries()
-
-
 def run_demo(
     out: str | Path,
     *,
@@ -947,8 +893,6 @@ def run_demo(
     """Run (or resume) the demo into `out` in `jobs` parallel lanes (default: one per usable
     CPU, at most 4); returns summary.json's content. `shared_teachers`: a finished demo with the
     same sizes whose teachers are reused (linked) instead of trained again."""
-    from megatron_lopd.demo.lanes import default_jobs
-
     out = Path(out)
     echo = console or (lambda line: print(line, flush=True))
     if jobs is not None and jobs < 1:

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_lopd.demo.report import SIGNIFICANT_SE, paired_diff
-from megatron_lopd.demo.run import Demo, DemoSizes, Stage, _atomic_json
+from megatron_lopd.demo.lanes import Stage, default_jobs, prepare_process, run_plan
+from megatron_lopd.demo.run import Demo, DemoSizes, _atomic_json, run_demo
 from megatron_lopd.errors import ConfigError
 
 STUDY_NAME = "study-paper-loss"
@@ -266,9 +267,6 @@ def run_paper_loss_study(out: str | Path, *, seed: int = 0, sizes: DemoSizes = D
                          console: Callable[[str], None] | None = None, progress: bool = True) -> dict[str, Any]:
     """The demo in `out` (run, or resumed to its end; `overwrite`: started over), then the study's
     arms (resumed where a previous study stopped); returns study.json's content."""
-    from megatron_lopd.demo.lanes import default_jobs, run_plan
-    from megatron_lopd.demo.run import prepare_process, run_demo
-
     out = Path(out)
     echo = console or (lambda line: print(line, flush=True))
     resume = not overwrite and out.is_dir() and any(out.iterdir())

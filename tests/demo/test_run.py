@@ -63,6 +63,12 @@ def test_cli_refuses_an_existing_directory(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "y"), "--comparison-losses", "lightning_opd,sft"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown sft" in err[0] and "topk_reverse_kl" in err[0] and not (tmp_path / "y").exists()
+    assert main(["demo", "--out", str(tmp_path / "z"), "--seeds", "0,1", "--study", "paper-loss"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--study runs over one demo" in err[0] and "--seed S" in err[0] and not (tmp_path / "z").exists()
+    assert main(["demo", "--out", str(tmp_path / "z"), "--jobs", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--jobs 0" in err[0] and not (tmp_path / "z").exists()
 
 
 @pytest.mark.slow
