@@ -1,4 +1,4 @@
-"""`lopd demo --out DIR [--seed S | --seeds 0,1,2] [--overwrite | --resume] [--jobs N]`: the whole pipeline in miniature on CPU.
+"""`lopd demo --out DIR [--seed S | --seeds 0,1,2] [--study paper-loss] [--overwrite | --resume] [--jobs N]`: the whole pipeline in miniature on CPU.
 
 Trains two tiny teachers and a student, runs the consistent-teacher pipeline with the
 real stages (SFT data, SFT, rollouts, scoring into the store, Lightning OPD, export,
@@ -22,8 +22,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", required=True, help="output directory (report.md, curves.png, summary.json, work/)")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0, help="seed of the student side: R's initialisation, every sample and data order (default 0); the teachers "
-                            "are given models, the same for every seed")
+    seeds.add_argument("--seed", type=int, default=0,
+                       help="seed of the student side: R's initialisation, every sample and data order (default 0); "
+                            "the teachers are given models, the same for every seed")
     seeds.add_argument("--seeds", default=None, metavar="S1,S2,...",
                        help="run once per seed into OUT/seed-N/ and write OUT/aggregate.md: mean +- sd over seeds (README: 0,1,2)")
     mode = p.add_mutually_exclusive_group()
@@ -39,8 +40,8 @@ def register(subparsers) -> None:
                    help="stages run at once, one process and one thread each (default: one per usable CPU, at most 4); "
                         "the numbers do not depend on it")
     p.add_argument("--study", choices=["paper-loss"], default=None,
-                       help="after the demo (run or resumed in --out), the paper-loss study: lr, steps, advantage clip and "
-                            "T=0.7 data, one at a time, into OUT/study-paper-loss/ (about 5 min more on 2 cores)")
+                   help="after the demo (run or resumed in --out), the paper-loss study: lr, passes, advantage clip and "
+                        "T=0.7 data, one at a time, into OUT/study-paper-loss/ (about 6 min more on 2 cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_handle)
 

@@ -159,7 +159,7 @@ def _worker(build: Callable[[], Any], lane: int, tasks, results) -> None:
 
 
 def _progress(log: Path) -> str:
-    """The last `step N/M` a stage's log shows (training and generation bars print it), else ''."""
+    """The last `step N/M` a stage's log shows (a training run prints one every 50 steps), else ''."""
     try:
         with open(log, "rb") as f:
             f.seek(max(0, f.seek(0, 2) - 4096))
@@ -169,15 +169,15 @@ def _progress(log: Path) -> str:
     return f"step {int(found[-1][0])}/{int(found[-1][1])}" if found else ""
 
 
-def run_in_lanes(demo: StageRunner, todo: list[Stage], number: dict[str, str], build: Callable[[], Any]) -> None:
-    """Run `todo` (a topological order, most urgent first) in `demo.jobs` lanes, each a process
-    with a `build()` runner like `demo` (`stages()`, `state`, `close()`); each
-    finished stage is recorded in demo.state at once. The first failure stops new stages, waits
+def run_in_lanes(runner: StageRunner, todo: list[Stage], number: dict[str, str]) -> None:
+    """Run `todo` (a topological order, most urgent first) in `runner.jobs` lanes, each a process
+    with its own copy of the runner (`runner.lane_runner()`); each finished stage is recorded in
+    runner.state at once. The first failure stops new stages, waits
     for the running ones (their results are kept for --resume) and raises DemoStageError."""
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no torch or megatron state inherited
-    results = ctx.Queue()
+    results, build = ctx.Queue(), runner.lane_runner()
     lanes = []
-    for lane in range(min(demo.jobs, len(todo))):
+    for lane in range(min(runner.jobs, len(todo))):
         tasks = ctx.Queue()
         proc = ctx.Process(target=_worker, args=(build, lane, tasks, results), name=f"lopd-demo-lane-{lane}")
         proc.start()
@@ -187,13 +187,13 @@ def run_in_lanes(demo: StageRunner, todo: list[Stage], number: dict[str, str], b
     try:
         while True:
             idle = [lane for lane in lanes if lane["stage"] is None]
-            ready = [st for st in pending if all(d in demo.state["stages"] for d in st.after)] if failure is None else []
+            ready = [st for st in pending if all(d in runner.state["stages"] for d in st.after)] if failure is None else []
             for lane, stage in zip(idle, ready):
                 pending.remove(stage)
-                log = demo.log_dir / f"{stage.name}.log"
+                log = runner.log_dir / f"{stage.name}.log"
                 lane.update(stage=stage, t0=time.perf_counter(), log=log)
-                lane["tasks"].put((stage.name, demo.state, str(log)))
-                demo.console(f"{number[stage.name]} {stage.what}")
+                lane["tasks"].put((stage.name, runner.state, str(log)))
+                runner.console(f"{number[stage.name]} {stage.what}")
             busy = [lane for lane in lanes if lane["stage"] is not None]
             if not busy:
                 if pending and failure is None:
@@ -207,25 +207,25 @@ def run_in_lanes(demo: StageRunner, todo: list[Stage], number: dict[str, str], b
                     lane = dead[0]
                     raise DemoStageError(f"demo stage {lane['stage'].name}: its worker process died (exit code {lane['proc'].exitcode}); "
                                          f"log: {lane['log']}; rerun with --resume")
-                if demo.progress and time.perf_counter() - beat >= HEARTBEAT_S:
+                if runner.progress and time.perf_counter() - beat >= HEARTBEAT_S:
                     beat = time.perf_counter()
                     running = ", ".join(f"{lane['stage'].name} {time.perf_counter() - lane['t0']:.0f} s"
                                         + (f" ({p})" if (p := _progress(lane["log"])) else "") for lane in busy)
-                    demo.console(f"        {time.perf_counter() - started:.0f} s: running {running}; "
-                                 f"{len(demo.state['stages'])} stages done, {len(pending)} waiting")
+                    runner.console(f"        {time.perf_counter() - started:.0f} s: running {running}; "
+                                 f"{len(runner.state['stages'])} stages done, {len(pending)} waiting")
                 continue
             lane = lanes[lane_index]
             stage, log = lane["stage"], lane["log"]
             lane["stage"] = None
             if "error" in outcome:
-                demo.console(f"        {name} FAILED: {outcome['error']} (log: {log})")
+                runner.console(f"        {name} FAILED: {outcome['error']} (log: {log})")
                 failure = failure or DemoStageError(f"demo stage {name} failed: {outcome['error']}; traceback in {log}; "
                                                     "fix it and rerun with --resume (finished stages are kept)")
                 continue
-            demo.state["stages"][name] = outcome["record"]
-            demo.save_state()
+            runner.state["stages"][name] = outcome["record"]
+            runner.save_state()
             measured = outcome["record"].get("measure")
-            demo.console(f"        {name} done in {outcome['record']['seconds']:.1f} s"
+            runner.console(f"        {name} done in {outcome['record']['seconds']:.1f} s"
                          + (f" (greedy pass@1 {100 * measured['pass1']:.1f}%)" if measured else ""))
         if failure is not None:
             raise failure
@@ -260,7 +260,7 @@ def run_plan(runner: StageRunner, plan: list[Stage]) -> float:
                 runner.save_state()
                 runner.console(f"        done in {runner.state['stages'][st.name]['seconds']:.1f} s")
         else:
-            run_in_lanes(runner, todo, number, runner.lane_runner())
+            run_in_lanes(runner, todo, number)
     finally:
         runner.close()
     return time.perf_counter() - started

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_lopd.demo.report import SIGNIFICANT_SE, paired_diff
 from megatron_lopd.demo.lanes import Stage, default_jobs, prepare_process, run_plan
+from megatron_lopd.demo.report import SIGNIFICANT_SE, paired_diff
 from megatron_lopd.demo.run import Demo, DemoSizes, _atomic_json, run_demo
 from megatron_lopd.errors import ConfigError
 

@@ -69,7 +69,7 @@ def _numbers(runner: ToyRunner) -> dict[str, str]:
 
 def test_lanes_keep_the_order_overlap_and_log(tmp_path):
     runner = ToyRunner(str(tmp_path), "ok")
-    run_in_lanes(runner, runner.stages(), _numbers(runner), runner.lane_runner())
+    run_in_lanes(runner, runner.stages(), _numbers(runner))
     st = runner.state["stages"]
     assert list(st) == ["a", "b", "c", "d"] or list(st) == ["a", "c", "b", "d"]
     assert st["a"]["end"] <= min(st["b"]["start"], st["c"]["start"]) and max(st["b"]["end"], st["c"]["end"]) <= st["d"]["start"]
@@ -94,7 +94,7 @@ def test_lanes_keep_the_order_overlap_and_log(tmp_path):
 def test_a_failed_stage_stops_the_plan_and_keeps_what_finished(tmp_path, plan, message):
     runner = ToyRunner(str(tmp_path), plan)
     with pytest.raises(DemoStageError, match=message):
-        run_in_lanes(runner, runner.stages(), _numbers(runner), runner.lane_runner())
+        run_in_lanes(runner, runner.stages(), _numbers(runner))
     st = runner.state["stages"]
     assert "a" in st and "b" not in st and "d" not in st  # d needs b: never started
     if plan == "fail":
