@@ -121,6 +121,7 @@ def findings(summary: dict[str, Any]) -> list[str]:
         out.append(
             f"**{label} vs R:** {_pct(acc[name]['pass1'])}% vs {_pct(r)}%, {d.text()}: "
             + _verdict(d, "Lightning OPD improved on R.", "Lightning OPD ended below R.", f"no difference beyond {SIGNIFICANT_SE:g} SE.")
+            + (" Why, measured: `lopd demo --study paper-loss` (docs/paper-loss-study.md)." if name == "lightning" and d.significant and d.points < 0 else "")
         )
 
     # 2. Teacher consistency: the same loss on the same rollouts, scored by A vs by B.

@@ -69,7 +69,8 @@ def test_findings_follow_the_numbers():
 
     flipped = _summary(r, {"lightning": worse, "lightning_topk": same, "offline_teacher_b": better, "online": better, "continued_sft": better})
     lines = report.findings(flipped)
-    assert "ended below R" in lines[0]
+    assert "ended below R" in lines[0] and "`lopd demo --study paper-loss`" in lines[0]  # the paper loss below R points to the study
+    assert "--study" not in "\n".join(report.findings(s))
     assert "The inconsistent teacher was better" in lines[2]
     assert "online OPD was better" in lines[3]
     assert "more SFT beat Lightning OPD" in lines[4]
