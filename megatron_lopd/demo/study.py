@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_lopd.demo.lanes import Stage, default_jobs, prepare_process, run_plan
+from megatron_lopd.demo.lanes import Stage, default_jobs, run_plan
 from megatron_lopd.demo.report import SIGNIFICANT_SE, paired_diff
 from megatron_lopd.demo.run import Demo, DemoSizes, _atomic_json, run_demo
 from megatron_lopd.errors import ConfigError
@@ -270,8 +270,7 @@ def run_paper_loss_study(out: str | Path, *, seed: int = 0, sizes: DemoSizes = D
     out = Path(out)
     echo = console or (lambda line: print(line, flush=True))
     resume = not overwrite and out.is_dir() and any(out.iterdir())
-    run_demo(out, seed=seed, sizes=sizes, overwrite=overwrite, resume=resume, console=echo, progress=progress, jobs=jobs)
-    prepare_process()
+    run_demo(out, seed=seed, sizes=sizes, overwrite=overwrite, resume=resume, console=echo, progress=progress, jobs=jobs)  # sets up this process too
     study_dir = out / STUDY_NAME
     state_path = study_dir / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"seed": seed, "sizes": sizes.to_dict(), "stages": {}}
