@@ -169,6 +169,14 @@ def _progress(log: Path) -> str:
     return f"step {int(found[-1][0])}/{int(found[-1][1])}" if found else ""
 
 
+def _record(runner: StageRunner, name: str, record: dict[str, Any]) -> None:
+    """A finished stage: into the state, saved at once, one console line."""
+    runner.state["stages"][name] = record
+    runner.save_state()
+    measured = record.get("measure")
+    runner.console(f"        {name} done in {record['seconds']:.1f} s" + (f" (greedy pass@1 {100 * measured['pass1']:.1f}%)" if measured else ""))
+
+
 def run_in_lanes(runner: StageRunner, todo: list[Stage], number: dict[str, str]) -> None:
     """Run `todo` (a topological order, most urgent first) in `runner.jobs` lanes, each a process
     with its own copy of the runner (`runner.lane_runner()`); each finished stage is recorded in
@@ -222,11 +230,7 @@ def run_in_lanes(runner: StageRunner, todo: list[Stage], number: dict[str, str])
                 failure = failure or DemoStageError(f"demo stage {name} failed: {outcome['error']}; traceback in {log}; "
                                                     "fix it and rerun with --resume (finished stages are kept)")
                 continue
-            runner.state["stages"][name] = outcome["record"]
-            runner.save_state()
-            measured = outcome["record"].get("measure")
-            runner.console(f"        {name} done in {outcome['record']['seconds']:.1f} s"
-                         + (f" (greedy pass@1 {100 * measured['pass1']:.1f}%)" if measured else ""))
+            _record(runner, name, outcome["record"])
         if failure is not None:
             raise failure
     finally:
@@ -256,9 +260,7 @@ def run_plan(runner: StageRunner, plan: list[Stage]) -> float:
         if runner.jobs <= 1 or len(todo) <= 1:
             for st in todo:
                 runner.console(f"{number[st.name]} {st.what}")
-                runner.state["stages"][st.name] = st.execute()
-                runner.save_state()
-                runner.console(f"        done in {runner.state['stages'][st.name]['seconds']:.1f} s")
+                _record(runner, st.name, st.execute())
         else:
             run_in_lanes(runner, todo, number)
     finally:
