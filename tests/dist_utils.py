@@ -53,7 +53,21 @@ def _worker(rank: int, world_size: int, port: int, fn, kwargs: dict, queue) -> N
 
 
 def run_distributed(fn, world_size: int = 2, timeout: float = 600.0, **kwargs) -> list:
-    """Returns [result of rank 0, result of rank 1, ...]; raises with the rank's traceback."""
+    """Returns [result of rank 0, result of rank 1, ...]; raises with the rank's traceback.
+
+    `free_port` closes its socket before rank 0 binds the port, so another process can take it
+    in between (seen once in CI: EADDRINUSE at the rendezvous). Only that failure is retried,
+    with a fresh port, at most twice; every other failure is raised at once."""
+    for _ in range(2):
+        try:
+            return _run_distributed_once(fn, world_size, timeout, **kwargs)
+        except AssertionError as err:
+            if "EADDRINUSE" not in str(err):
+                raise
+    return _run_distributed_once(fn, world_size, timeout, **kwargs)
+
+
+def _run_distributed_once(fn, world_size: int, timeout: float, **kwargs) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
