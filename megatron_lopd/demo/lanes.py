@@ -223,7 +223,7 @@ def run_in_lanes(runner: StageRunner, todo: list[Stage], number: dict[str, str])
                                  f"{len(runner.state['stages'])} stages done, {len(pending)} waiting")
                 continue
             lane = lanes[lane_index]
-            stage, log = lane["stage"], lane["log"]
+            log = lane["log"]
             lane["stage"] = None
             if "error" in outcome:
                 runner.console(f"        {name} FAILED: {outcome['error']} (log: {log})")
